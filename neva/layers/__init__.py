@@ -1,0 +1,1 @@
+"""Pure ops over local parameter shards: linear, norms, rope, attention, mlp, moe, embeddings."""

@@ -1,0 +1,82 @@
+"""Multi-head attention with GQA, rotary, causal / sliding-window / padding / packed-segment masks,
+through ``F.scaled_dot_product_attention`` (flash kernels on GPU), tensor-parallel over heads.
+
+Under TP each rank holds ``n_heads / tp`` query heads and ``n_kv_heads / tp`` kv heads; the head
+counts are read off the local weight shapes, so the same function runs sharded and unsharded.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from neva.layers.linear import linear_specs
+from neva.layers.rope import apply_rope
+from neva.params import normal
+from neva.parallel import comm
+from neva.parallel.comm import Dist
+
+
+def attention_specs(dim: int, n_heads: int, n_kv_heads: int, head_dim: int, bias: bool = False,
+                    std: float = 0.02, out_std: float | None = None) -> dict:
+    """wq: [H*hd, D], wk/wv: [KV*hd, D] normal(std); wo: [D, H*hd] normal(out_std); biases zeros."""
+    init, out_init = normal(std), normal(out_std if out_std is not None else std)
+    return {
+        "wq": linear_specs(n_heads * head_dim, dim, ("heads", "embed"), bias, init),
+        "wk": linear_specs(n_kv_heads * head_dim, dim, ("kv_heads", "embed"), bias, init),
+        "wv": linear_specs(n_kv_heads * head_dim, dim, ("kv_heads", "embed"), bias, init),
+        "wo": linear_specs(dim, n_heads * head_dim, ("embed", "heads"), bias, out_init, bias_axis=None),
+    }
+
+
+def make_mask(q_pos: Tensor, k_pos: Tensor, *, causal: bool = True, window: int | None = None,
+              q_seg: Tensor | None = None, k_seg: Tensor | None = None,
+              k_valid: Tensor | None = None) -> Tensor:
+    """bool[B, 1, Tq, Tk], True = may attend.
+
+    q_pos, k_pos: int[B, Tq] / int[B, Tk] indices into one sequence (for causality and the window);
+    q_seg, k_seg: packed-sample ids (attention never crosses samples); k_valid: bool[B, Tk] padding.
+    A query with nothing to attend to (a padding row) is allowed itself, so no row is all-masked.
+    """
+    m = torch.ones(q_pos.shape[0], q_pos.shape[1], k_pos.shape[1], dtype=torch.bool, device=q_pos.device)
+    d = q_pos[:, :, None] - k_pos[:, None, :]
+    if causal:
+        m &= d >= 0
+    if window is not None:
+        m &= d < window
+    if q_seg is not None:
+        m &= q_seg[:, :, None] == k_seg[:, None, :]
+    if k_valid is not None:
+        m &= k_valid[:, None, :]
+    m |= d == 0
+    return m[:, None]
+
+
+def attention(p: dict, x_btd: Tensor, dist: Dist, *, head_dim: int, rope: tuple[Tensor, Tensor] | None = None,
+              mask: Tensor | None = None, causal: bool = True, cache: dict | None = None,
+              cache_pos: int = 0) -> Tensor:
+    """x: [B, T, D] (or [B, T/tp, D] under SP) -> [B, T(/tp), D].
+
+    mask: bool[B, 1, T, S] from ``make_mask`` (None = plain causal, or full if not ``causal``).
+    cache: {"k", "v": [B, KV_local, S_max, hd]} written in place at ``cache_pos`` (generation); the
+    mask then spans the S_max cached keys.
+    """
+    x = comm.enter_tp(x_btd, dist)
+    B, T, _ = x.shape
+    q = F.linear(x, p["wq"]["w"], p["wq"].get("b")).view(B, T, -1, head_dim).transpose(1, 2)
+    k = F.linear(x, p["wk"]["w"], p["wk"].get("b")).view(B, T, -1, head_dim).transpose(1, 2)
+    v = F.linear(x, p["wv"]["w"], p["wv"].get("b")).view(B, T, -1, head_dim).transpose(1, 2)
+    if rope is not None:
+        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+    if cache is not None:
+        cache["k"][:, :, cache_pos:cache_pos + T] = k
+        cache["v"][:, :, cache_pos:cache_pos + T] = v
+        k, v = cache["k"], cache["v"]
+    gqa = q.shape[1] != k.shape[1]
+    if mask is None:
+        o = F.scaled_dot_product_attention(q, k, v, is_causal=causal and T > 1, enable_gqa=gqa)
+    else:
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+    o = o.transpose(1, 2).reshape(B, T, -1)
+    y = comm.exit_tp(F.linear(o, p["wo"]["w"]), dist)
+    return y + p["wo"]["b"] if "b" in p["wo"] else y

@@ -1,0 +1,1 @@
+"""The parallel plan: mesh, collectives, placement rules, pipeline schedules."""

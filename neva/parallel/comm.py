@@ -1,0 +1,286 @@
+"""Collectives as autograd Functions, with Megatron's forward/backward pairing.
+
+Model code is written once, over local shards, and calls these explicitly; each is the identity when
+its group is None, so the single-process run is the same code. They are ``torch.autograd.Function``s
+with ``setup_context`` and a ``vmap`` rule, so they work under plain autograd and under
+``torch.func.grad`` / ``vmap`` (``torch.distributed.nn.functional`` and ``_functional_collectives``
+do not, and a raw in-place all-reduce has an identity backward).
+
+Pairs (forward / backward):
+  copy_to_tp        identity        / all-reduce     (enter a column-parallel region, no SP)
+  reduce_from_tp    all-reduce      / identity       (leave a row-parallel region, no SP)
+  gather_seq        all-gather      / reduce-scatter (enter a TP region from SP, activations)
+  reduce_scatter_seq reduce-scatter / all-gather     (leave a TP region into SP)
+  scatter_seq       take own chunk  / all-gather     (replicated -> SP)
+  all_to_all        all-to-all      / all-to-all with the splits swapped (EP dispatch)
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import torch
+import torch.distributed as tdist
+from torch import Tensor
+
+Group = Any  # a torch.distributed ProcessGroup, or None for "not sharded"
+
+
+@dataclass(frozen=True)
+class Dist:
+    """Who this rank is on each mesh axis. A size-1 axis has group None (no communication).
+
+    ``sp``: sequence parallel over the tp group (activations outside TP regions are split along T).
+    ``replicate``: top-level parts (e.g. "vision") that the plan keeps whole on every tp rank; they
+    run with tp off (see ``part``).
+    """
+
+    tp: Group = None
+    tp_size: int = 1
+    tp_rank: int = 0
+    ep: Group = None
+    ep_size: int = 1
+    ep_rank: int = 0
+    dp: Group = None
+    dp_size: int = 1
+    dp_rank: int = 0
+    pp: Group = None
+    pp_size: int = 1
+    pp_rank: int = 0
+    sp: bool = False
+    replicate: frozenset = field(default_factory=frozenset)
+    # dp x ep: the ranks that see different data and share every non-expert parameter
+    data: Group = None
+    data_size: int = 1
+    data_rank: int = 0
+
+    def part(self, name: str) -> "Dist":
+        """The Dist a top-level part runs with: no SP outside the LLM; no TP if the plan replicates it."""
+        d = self if name == "llm" else replace(self, sp=False)
+        return replace(d, tp=None, tp_size=1, tp_rank=0) if name in self.replicate else d
+
+
+LOCAL = Dist()
+
+
+def _size(group: Group) -> int:
+    return 1 if group is None else tdist.get_world_size(group)
+
+
+def _all_reduce(x: Tensor, group: Group, op=tdist.ReduceOp.SUM) -> Tensor:
+    x = x.contiguous().clone()
+    tdist.all_reduce(x, op=op, group=group)
+    return x
+
+
+def _all_gather(x: Tensor, dim: int, group: Group) -> Tensor:
+    n = _size(group)
+    x = x.contiguous()
+    parts = [torch.empty_like(x) for _ in range(n)]
+    tdist.all_gather(parts, x, group=group)
+    return torch.cat(parts, dim=dim)
+
+
+def _reduce_scatter(x: Tensor, dim: int, group: Group) -> Tensor:
+    n = _size(group)
+    if x.shape[dim] % n:
+        raise ValueError(f"reduce-scatter: dim {dim} of size {x.shape[dim]} does not divide by {n} ranks")
+    # gloo has no reduce_scatter: all-reduce then keep our chunk (same result, more bytes)
+    full = _all_reduce(x, group)
+    return full.chunk(n, dim=dim)[tdist.get_rank(group)].contiguous()
+
+
+def _split(x: Tensor, dim: int, group: Group) -> Tensor:
+    n = _size(group)
+    if x.shape[dim] % n:
+        raise ValueError(f"sequence split: dim {dim} of size {x.shape[dim]} does not divide by {n} ranks")
+    return x.chunk(n, dim=dim)[tdist.get_rank(group)].contiguous()
+
+
+def _vmap_same(ctx_info, in_dims, fn, x, *rest):
+    """vmap rule for elementwise collectives: run once on the batched tensor."""
+    return fn(x, *rest), in_dims[0]
+
+
+class _CopyToTP(torch.autograd.Function):
+    @staticmethod
+    def forward(x, group):
+        return x.view_as(x)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.group = inputs[1]
+
+    @staticmethod
+    def backward(ctx, g):
+        return _all_reduce(g, ctx.group), None
+
+    @staticmethod
+    def vmap(info, in_dims, x, group):
+        return _CopyToTP.apply(x, group), in_dims[0]
+
+
+class _ReduceFromTP(torch.autograd.Function):
+    @staticmethod
+    def forward(x, group):
+        return _all_reduce(x, group)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def backward(ctx, g):
+        return g, None
+
+    @staticmethod
+    def vmap(info, in_dims, x, group):
+        return _ReduceFromTP.apply(x, group), in_dims[0]
+
+
+def _bdim_first(x: Tensor, bdim: int | None, dim: int) -> tuple[Tensor, int]:
+    """Move a vmap batch dim to 0; return the tensor and the data dim shifted past it."""
+    if bdim is None:
+        return x, dim
+    x = x.movedim(bdim, 0)
+    return x, (dim + 1 if dim >= 0 else dim)
+
+
+class _GatherSeq(torch.autograd.Function):
+    @staticmethod
+    def forward(x, dim, group):
+        return _all_gather(x, dim, group)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.dim, ctx.group = inputs[1], inputs[2]
+
+    @staticmethod
+    def backward(ctx, g):
+        return _reduce_scatter(g, ctx.dim, ctx.group), None, None
+
+    @staticmethod
+    def vmap(info, in_dims, x, dim, group):
+        x, d = _bdim_first(x, in_dims[0], dim)
+        return _GatherSeq.apply(x, d, group), (None if in_dims[0] is None else 0)
+
+
+class _ReduceScatterSeq(torch.autograd.Function):
+    @staticmethod
+    def forward(x, dim, group):
+        return _reduce_scatter(x, dim, group)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.dim, ctx.group = inputs[1], inputs[2]
+
+    @staticmethod
+    def backward(ctx, g):
+        return _all_gather(g, ctx.dim, ctx.group), None, None
+
+    @staticmethod
+    def vmap(info, in_dims, x, dim, group):
+        x, d = _bdim_first(x, in_dims[0], dim)
+        return _ReduceScatterSeq.apply(x, d, group), (None if in_dims[0] is None else 0)
+
+
+class _ScatterSeq(torch.autograd.Function):
+    @staticmethod
+    def forward(x, dim, group):
+        return _split(x, dim, group)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.dim, ctx.group = inputs[1], inputs[2]
+
+    @staticmethod
+    def backward(ctx, g):
+        return _all_gather(g, ctx.dim, ctx.group), None, None
+
+    @staticmethod
+    def vmap(info, in_dims, x, dim, group):
+        x, d = _bdim_first(x, in_dims[0], dim)
+        return _ScatterSeq.apply(x, d, group), (None if in_dims[0] is None else 0)
+
+
+class _AllToAll(torch.autograd.Function):
+    """Rows of ``x`` [N, ...] go out in chunks of ``send`` rows per rank; ``recv`` rows come back."""
+
+    @staticmethod
+    def forward(x, send, recv, group):
+        out = x.new_empty((sum(recv),) + tuple(x.shape[1:]))
+        tdist.all_to_all_single(out, x.contiguous(), list(recv), list(send), group=group)
+        return out
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.send, ctx.recv, ctx.group = inputs[1], inputs[2], inputs[3]
+
+    @staticmethod
+    def backward(ctx, g):
+        return _AllToAll.apply(g, ctx.recv, ctx.send, ctx.group), None, None, None
+
+
+# ------------------------------------------------------------------------------------ public API
+def copy_to_tp(x: Tensor, dist: Dist) -> Tensor:
+    return x if dist.tp is None else _CopyToTP.apply(x, dist.tp)
+
+
+def reduce_from_tp(x: Tensor, dist: Dist) -> Tensor:
+    return x if dist.tp is None else _ReduceFromTP.apply(x, dist.tp)
+
+
+def gather_seq(x: Tensor, dist: Dist, dim: int = 1) -> Tensor:
+    return x if dist.tp is None else _GatherSeq.apply(x, dim, dist.tp)
+
+
+def reduce_scatter_seq(x: Tensor, dist: Dist, dim: int = 1) -> Tensor:
+    return x if dist.tp is None else _ReduceScatterSeq.apply(x, dim, dist.tp)
+
+
+def scatter_seq(x: Tensor, dist: Dist, dim: int = 1) -> Tensor:
+    return x if dist.tp is None else _ScatterSeq.apply(x, dim, dist.tp)
+
+
+def enter_tp(x: Tensor, dist: Dist, dim: int = 1) -> Tensor:
+    """Into a column-parallel region: all-gather the sequence under SP, else copy (all-reduce grads)."""
+    return gather_seq(x, dist, dim) if dist.sp else copy_to_tp(x, dist)
+
+
+def exit_tp(x: Tensor, dist: Dist, dim: int = 1) -> Tensor:
+    """Out of a row-parallel region: reduce-scatter the sequence under SP, else all-reduce."""
+    return reduce_scatter_seq(x, dist, dim) if dist.sp else reduce_from_tp(x, dist)
+
+
+def all_to_all(x: Tensor, send: list[int], recv: list[int], group: Group) -> Tensor:
+    """Uneven all-to-all of rows; backward sends the gradients back the way they came."""
+    if group is None:
+        return x
+    return _AllToAll.apply(x, tuple(int(s) for s in send), tuple(int(r) for r in recv), group)
+
+
+def all_to_all_counts(counts: Tensor, group: Group) -> Tensor:
+    """Exchange equal-size integer tensors (no autograd): row r of the result came from rank r."""
+    if group is None:
+        return counts
+    out = torch.empty_like(counts)
+    tdist.all_to_all_single(out, counts.contiguous(), group=group)
+    return out
+
+
+def all_reduce_(x: Tensor, group: Group, op: str = "sum") -> Tensor:
+    """In-place, no autograd (gradients, statistics). ``op``: sum | max | avg (sum / size)."""
+    if group is None:
+        return x
+    red = {"sum": tdist.ReduceOp.SUM, "max": tdist.ReduceOp.MAX, "avg": tdist.ReduceOp.SUM}[op]
+    tdist.all_reduce(x, op=red, group=group)
+    if op == "avg":
+        x.div_(_size(group))
+    return x
+
+
+def all_reduce_nograd(x: Tensor, group: Group, op: str = "sum") -> Tensor:
+    """Out-of-place all-reduce on a detached copy (values only, e.g. softmax max, token counts)."""
+    if group is None:
+        return x
+    return all_reduce_(x.detach().clone(), group, op)

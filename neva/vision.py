@@ -1,0 +1,69 @@
+"""Vision encoders: CLIP ViT (class token, pre-layernorm, quick-GELU) and SigLIP (no class token,
+patch bias, GELU-tanh), as HF defines them, up to the selected hidden state.
+
+``select_layer`` counts as HF's ``hidden_states`` do (0 = embeddings, -1 = last layer; LLaVA uses
+-2), so only ``layers_used`` layers run. ``select_feature``: ``patch`` drops CLIP's class token,
+``cls_patch`` keeps it (SigLIP has none). Layers past the selected one and ``post_norm`` are kept
+in the tree (checkpoints round-trip whole) but never run.
+
+Init: patch w normal(0.02), b zeros; cls normal(0.02); pos normal(0.02); norms ones/zeros;
+attention and MLP weights normal(0.02), biases zeros.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from neva.config import VisionConfig
+from neva.layers.attention import attention, attention_specs
+from neva.layers.embedding import patch_embed, patch_embedding_specs
+from neva.layers.mlp import mlp, mlp_specs
+from neva.layers.norm import layer_norm, layer_norm_specs
+from neva.params import ParamSpec, normal
+from neva.parallel.comm import Dist
+
+
+def specs(cfg: VisionConfig) -> dict:
+    d, hd = cfg.dim, cfg.dim // cfg.n_heads
+    clip = cfg.kind == "clip"
+    out: dict = {"patch": patch_embedding_specs(3, d, cfg.patch_size, bias=not clip)}
+    if clip:
+        out["cls"] = ParamSpec((d,), ("embed",), normal(0.02))
+    out["pos"] = ParamSpec((cfg.n_positions, d), (None, "embed"), normal(0.02))
+    if clip:
+        out["pre_norm"] = layer_norm_specs(d)
+    out["layers"] = {str(i): {"norm1": layer_norm_specs(d),
+                              "attn": attention_specs(d, cfg.n_heads, cfg.n_heads, hd, bias=True),
+                              "norm2": layer_norm_specs(d),
+                              "mlp": mlp_specs(d, cfg.mlp_dim, bias=True)}
+                     for i in range(cfg.n_layers)}
+    out["post_norm"] = layer_norm_specs(d)
+    return out
+
+
+def block(p: dict, x: Tensor, cfg: VisionConfig, dist: Dist) -> Tensor:
+    hd = cfg.dim // cfg.n_heads
+    x = x + attention(p["attn"], layer_norm(p["norm1"], x, cfg.eps), dist, head_dim=hd, causal=False)
+    return x + mlp(p["mlp"], layer_norm(p["norm2"], x, cfg.eps), dist, cfg.act)
+
+
+def embed(p: dict, images_nchw: Tensor, cfg: VisionConfig) -> Tensor:
+    """HF hidden_states[0]: patches (+ class token) + positions (+ CLIP's pre-layernorm)."""
+    x = patch_embed(p["patch"], images_nchw)
+    if cfg.kind == "clip":
+        x = torch.cat([p["cls"].to(x.dtype).expand(x.shape[0], 1, -1), x], dim=1)
+    x = x + p["pos"].to(x.dtype)
+    return layer_norm(p["pre_norm"], x, cfg.eps) if cfg.kind == "clip" else x
+
+
+def apply(p: dict, images_nchw: Tensor, cfg: VisionConfig, dist: Dist) -> Tensor:
+    """float[N, 3, H, W] -> features [N, tokens_out, D_vision] at ``select_layer``."""
+    if images_nchw.shape[-2:] != (cfg.image_size, cfg.image_size):
+        raise ValueError(f"pixel_values are {tuple(images_nchw.shape[-2:])}; the encoder expects "
+                         f"{cfg.image_size}x{cfg.image_size} (model.vision.image_size)")
+    x = embed(p, images_nchw, cfg)
+    for i in range(cfg.layers_used):
+        x = block(p["layers"][str(i)], x, cfg, dist)
+    if cfg.kind == "clip" and cfg.select_feature == "patch":
+        x = x[:, 1:]
+    return x
