@@ -89,17 +89,31 @@ Remat = Callable[..., tuple[Tensor, Tensor, Tensor]]
 
 def layers(p: dict, x: Tensor, ctx: Context, cfg: LLMConfig, dist: Dist, ids: Iterable[int],
            moe_dispatch: str = "sorted", remat: Remat | None = None,
-           remat_ids: frozenset[int] = frozenset()) -> tuple[Tensor, Tensor, Tensor]:
+           remat_ids: frozenset[int] = frozenset(), remat_chunk: int = 1) -> tuple[Tensor, Tensor, Tensor]:
     """Run layers ``ids`` (global indices; a pipeline stage runs its own range).
     -> (x, sum of aux, sum of z) over those layers.
 
-    remat(fn, layer_params, x) recomputes ``fn`` in the backward instead of storing its activations;
-    it is applied to the layers in ``remat_ids``."""
+    remat(fn, chunk_params, x) recomputes ``fn`` in the backward instead of storing its activations;
+    it wraps runs of up to ``remat_chunk`` consecutive layers of ``remat_ids`` (chunk_params is
+    {layer id: that layer's params})."""
     aux = z = x.new_zeros((), dtype=torch.float32)
-    for i in ids:
-        fn = lambda lp, xx, _i=i: block(lp, xx, ctx, cfg, dist, _i, moe_dispatch)
-        x, a, zz = remat(fn, p["layers"][str(i)], x) if (remat and i in remat_ids) else fn(p["layers"][str(i)], x)
-        aux, z = aux + a, z + zz
+
+    def run(lps: dict, xx: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        a = zz = xx.new_zeros((), dtype=torch.float32)
+        for i, lp in lps.items():
+            xx, da, dz = block(lp, xx, ctx, cfg, dist, int(i), moe_dispatch)
+            a, zz = a + da, zz + dz
+        return xx, a, zz
+
+    ids, k = list(ids), 0
+    while k < len(ids):
+        chunk = [ids[k]]
+        if remat and ids[k] in remat_ids:
+            while len(chunk) < remat_chunk and k + len(chunk) < len(ids) and ids[k + len(chunk)] in remat_ids:
+                chunk.append(ids[k + len(chunk)])
+        lps = {str(i): p["layers"][str(i)] for i in chunk}
+        x, a, zz = remat(run, lps, x) if (remat and ids[k] in remat_ids) else run(lps, x)
+        aux, z, k = aux + a, z + zz, k + len(chunk)
     return x, aux, z
 
 

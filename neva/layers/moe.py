@@ -87,7 +87,7 @@ def dispatch_sorted(p: dict, x_nd: Tensor, topw_nk: Tensor, topi_nk: Tensor, dis
         yr = yr[torch.argsort(regroup)]
         ys = comm.all_to_all(yr, recv, send, dist.ep)
     w = topw_nk.reshape(-1)[order].to(ys.dtype)
-    return x_nd.new_zeros(n, ys.shape[-1]).index_add(0, tok, ys * w[:, None])
+    return ys.new_zeros(n, ys.shape[-1]).index_add(0, tok, ys * w[:, None])   # ys: autocast dtype
 
 
 def dispatch_dense(p: dict, x_nd: Tensor, topw_nk: Tensor, topi_nk: Tensor, dist: Dist) -> Tensor:

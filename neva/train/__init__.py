@@ -1,0 +1,1 @@
+"""Training: optimizer (optim), step (compute_grads / train_step), precision, remat, lora, checkpoint."""

@@ -1,0 +1,97 @@
+"""LoRA as extra leaves of the params tree, merged functionally before the forward.
+
+``add(params, LoraConfig(...))`` puts ``lora_a [r, in]`` (normal(1/sqrt(in))) and
+``lora_b [out, r]`` (zeros, so training starts at the base model) next to each chosen weight
+``.../w [out, in]`` (MoE experts: ``[E, r, in]`` / ``[E, out, r]``). ``materialize(params)`` returns the
+tree the model reads, ``w + (alpha / r) * b @ a`` with the LoRA leaves removed; it runs inside the
+differentiated function (``StepSetup.prepare``), so gradients reach a and b and the model code does
+not know LoRA exists. ``merge`` is the same, detached, for export. ``groups`` freezes everything else.
+
+Targets are path regexes over the weight leaves; presets: ``attn`` (q/k/v/o of the LLM), ``mlp``
+(dense MLP and expert w1/w2/w3), ``all``.
+"""
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+
+import torch
+
+from neva.params import Tree, flatten, path_seed, unflatten
+from neva.train.optim import Group
+
+PRESETS = {
+    "attn": r"^llm/layers/\d+/attn/w[qkvo]/w$",
+    "mlp": r"^llm/layers/\d+/mlp/(w[123]|fc\d+/w|w[123]/w)$",
+    "all": r"^llm/layers/\d+/(attn/w[qkvo]/w|mlp/(w[123]|fc\d+/w|w[123]/w))$",
+}
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    targets: str = "attn"          # a preset name or a regex over weight paths
+    rank: int = 8
+    alpha: float = 16.0
+    seed: int = 0
+
+    @property
+    def pattern(self) -> str:
+        return PRESETS.get(self.targets, self.targets)
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+
+def _is_lora(path: str) -> bool:
+    return path.endswith("/lora_a") or path.endswith("/lora_b")
+
+
+def add(params: Tree, cfg: LoraConfig) -> Tree:
+    """``params`` plus zero-effect LoRA leaves beside every weight matching ``cfg.pattern``."""
+    if cfg.rank < 1:
+        raise ValueError(f"lora rank {cfg.rank} must be >= 1")
+    rx = re.compile(cfg.pattern)
+    flat = flatten(params)
+    out = dict(flat)
+    hits = [p for p, v in flat.items() if rx.search(p) and v.dim() in (2, 3)]
+    if not hits:
+        raise ValueError(f"LoRA targets {cfg.targets!r} match no 2-D/3-D weight; paths look like "
+                         f"{next(iter(flat))!r}: use a preset {sorted(PRESETS)} or another regex")
+    for p in hits:
+        w = flat[p]
+        *lead, d_out, d_in = w.shape
+        base = p.rsplit("/", 1)[0] if p.endswith("/w") else p
+        gen = torch.Generator().manual_seed(path_seed(cfg.seed, base + "/lora_a"))
+        out[f"{base}/lora_a"] = (torch.randn(*lead, cfg.rank, d_in, generator=gen) / math.sqrt(d_in)).to(w.dtype)
+        out[f"{base}/lora_b"] = torch.zeros(*lead, d_out, cfg.rank, dtype=w.dtype)
+    return unflatten(out)
+
+
+def _weight_path(flat: dict, base: str) -> str:
+    return f"{base}/w" if f"{base}/w" in flat else base
+
+
+def materialize(params: Tree, scale: float) -> Tree:
+    """The tree the model reads: LoRA folded into its weights (differentiable), LoRA leaves gone."""
+    flat = flatten(params)
+    out = {p: v for p, v in flat.items() if not _is_lora(p)}
+    for p in flat:
+        if p.endswith("/lora_a"):
+            base = p[: -len("/lora_a")]
+            wp = _weight_path(flat, base)
+            a, b = flat[p], flat[f"{base}/lora_b"]
+            out[wp] = out[wp] + (scale * (b @ a)).to(out[wp].dtype)
+    return unflatten(out)
+
+
+@torch.no_grad()
+def merge(params: Tree, scale: float) -> Tree:
+    """Merged plain params for export and inference (no LoRA leaves left)."""
+    return materialize(params, scale)
+
+
+def groups(base: tuple[Group, ...] = ()) -> tuple[Group, ...]:
+    """Optimizer groups that train only the LoRA leaves (given ``base`` groups first)."""
+    return (*base, Group(r"/lora_[ab]$"), Group(r".*", frozen=True))
