@@ -1,0 +1,75 @@
+"""Experiment configs: dotted overrides, type checks, closest-key suggestions, range checks, round trip."""
+import pytest
+
+from neva import experiment as X
+from neva.config import ModelConfig, tiny_llm, tiny_vision
+from neva.data.config import DataConfig
+
+
+def base() -> X.Experiment:
+    return X.Experiment(model=ModelConfig(vision=tiny_vision(), llm=tiny_llm(), image_token_id=255),
+                        data=DataConfig(batch_size=8))
+
+
+def test_dotted_overrides_are_typed():
+    e = X.parse(["model.vision.select_layer=-1", "train.steps=200", "train.lr=1e-3", "data.template=mistral",
+                 "run.dir=runs/x", "train.betas=0.9,0.99", "parallel.sp=false", "checkpoint.every=50",
+                 "model.llm.sliding_window=none", "data.eval_path=null", "train.precision=bf16_o2"], base())
+    assert e.model.vision.select_layer == -1 and e.train.steps == 200 and e.train.lr == 1e-3
+    assert e.data.template == "mistral" and e.run.dir == "runs/x" and e.train.betas == (0.9, 0.99)
+    assert e.model.llm.sliding_window is None and e.data.eval_path is None and e.checkpoint.every == 50
+    e = X.override(base(), ["model.llm.rope_scaling.factor=4"])       # an optional section starts from defaults
+    assert e.model.llm.rope_scaling.factor == 4.0
+
+
+@pytest.mark.parametrize("arg,msg", [
+    ("train.lrr=1", "did you mean 'train.lr'"),
+    ("model.vision.selct_layer=-1", "did you mean 'model.vision.select_layer'"),
+    ("train.steps=ten", "expected an integer"),
+    ("parallel.sp=maybe", "expected a bool"),
+    ("train.betas=0.9", "expected 2 comma-separated values"),
+    ("train", "not key=value"),
+    ("model.vision=3", "is a section"),
+    ("train.lr.x=3", "is a value, not a section"),
+])
+def test_bad_overrides_name_the_key(arg, msg):
+    with pytest.raises(X.ConfigError, match=msg):
+        X.parse([arg], base())
+
+
+@pytest.mark.parametrize("arg,msg", [
+    ("train.lr=-1e-3", "train.lr=-0.001 must be > 0"),
+    ("train.grad_accum=3", "must divide data.batch_size=8"),
+    ("train.precision=fp8", "train.precision='fp8'"),
+    ("parallel.sp=true", "needs parallel.tp > 1"),
+    ("train.freeze=(", "freeze"),
+    ("data.template=nope", "data.template='nope'"),
+    ("model.llm.top_k=9", "top_k=9"),
+])
+def test_out_of_range_values_fail_at_start(arg, msg):
+    with pytest.raises(X.ConfigError, match=msg.replace("(", r"\(").replace("[", r"\[")):
+        X.parse([arg], base())
+
+
+def test_plan_must_fit_world_size():
+    with pytest.raises(X.ConfigError, match="does not divide the world size 2"):
+        X.parse(["parallel.tp=4"], base(), world_size=2)
+
+
+def test_groups_from_command_line():
+    e = X.parse(["train.freeze=^vision/", "train.lr_mults=^projector/=0.1"], base())
+    gs = X.optimizer_groups(e)
+    assert [(g.pattern, g.frozen, g.lr_mult) for g in gs] == [("^vision/", True, 1.0), ("^projector/", False, 0.1)]
+
+
+def test_resolved_config_round_trips(tmp_path):
+    e = X.parse(["train.steps=7", "train.betas=0.8,0.9", "model.llm.rope_scaling.factor=2"], base())
+    X.save(e, tmp_path)
+    assert X.load(tmp_path) == e
+
+
+def test_help_lists_keys(capsys):
+    with pytest.raises(SystemExit):
+        X.parse(["--help"], base())
+    out = capsys.readouterr().out
+    assert "train.precision='fp32'" in out and "model.vision.select_layer=" in out and "data.template=" in out
