@@ -108,7 +108,7 @@ def context(cfg: ModelConfig, nb: dict, dist: Dist = LOCAL, dtype: torch.dtype =
                          k_valid=None if am is None else am.bool())
     valid = None if am is None else am.bool()
     if valid is not None and dist.sp:
-        valid = valid.chunk(dist.tp_size, dim=1)[dist.tp_rank]
+        valid = valid.narrow(1, dist.tp_rank * (T // dist.tp_size), T // dist.tp_size)
     return llm.Context(rope=rope, mask=mask, valid=valid, cache=cache, cache_pos=cache_pos)
 
 
@@ -166,14 +166,17 @@ def loss_terms(params: dict, cfg: ModelConfig, batch: dict, dist: Dist = LOCAL, 
     return {"ce_sum": ce_sum, "n_tokens": n, "aux": aux, "z": z}
 
 
-def combine(terms: dict, cfg: ModelConfig, n_tokens: Tensor | int | None = None) -> Tensor:
-    """Scalar loss: CE mean over ``n_tokens`` label tokens (default: this batch's) plus the MoE
-    losses averaged over layers and weighted by their coefficients."""
+def combine(terms: dict, cfg: ModelConfig, n_tokens: Tensor | int | None = None, n_micro: int = 1) -> Tensor:
+    """Scalar loss of one micro-batch's ``terms`` within a step: CE summed over the label tokens and
+    divided by ``n_tokens``, the step's label count over all micro-batches and data-parallel ranks
+    (default: this batch's), plus the MoE losses averaged over layers and over the ``n_micro``
+    micro-batches of the step (all ranks included). Summing ``combine`` over the micro-batches of a
+    step (and gradients over ranks) gives the loss of the whole step."""
     n = terms["n_tokens"] if n_tokens is None else n_tokens
     loss = terms["ce_sum"] / torch.as_tensor(n).clamp_min(1)
     if cfg.llm.n_experts:
-        L = n_moe_layers(cfg)
-        loss = loss + cfg.llm.aux_loss_coef * terms["aux"] / L + cfg.llm.z_loss_coef * terms["z"] / L
+        L = n_moe_layers(cfg) * n_micro
+        loss = loss + (cfg.llm.aux_loss_coef * terms["aux"] + cfg.llm.z_loss_coef * terms["z"]) / L
     return loss
 
 

@@ -75,31 +75,30 @@ def _all_reduce(x: Tensor, group: Group, op=tdist.ReduceOp.SUM) -> Tensor:
 
 def _all_gather(x: Tensor, dim: int, group: Group) -> Tensor:
     n = _size(group)
-    x = x.contiguous()
-    parts = [torch.empty_like(x) for _ in range(n)]
-    tdist.all_gather(parts, x, group=group)
-    return torch.cat(parts, dim=dim)
+    x0 = x.movedim(dim, 0).contiguous()
+    out = x0.new_empty((n * x0.shape[0],) + tuple(x0.shape[1:]))
+    tdist.all_gather_single(out, x0, group=group)
+    return out.movedim(0, dim)
 
 
-def _reduce_scatter(x: Tensor, dim: int, group: Group) -> Tensor:
-    n = _size(group)
-    if x.shape[dim] % n:
-        raise ValueError(f"reduce-scatter: dim {dim} of size {x.shape[dim]} does not divide by {n} ranks")
-    # gloo has no reduce_scatter: all-reduce then keep our chunk (same result, more bytes)
-    full = _all_reduce(x, group)
-    return full.chunk(n, dim=dim)[tdist.get_rank(group)].contiguous()
-
-
-def _split(x: Tensor, dim: int, group: Group) -> Tensor:
+def _split(x: Tensor, dim: int, group: Group, rank) -> Tensor:
+    """This rank's chunk along ``dim``. ``rank`` comes from the Dist (not the group) so that a
+    simulated world (LocalTensorMode, where it is a per-rank SymInt) slices per rank."""
     n = _size(group)
     if x.shape[dim] % n:
         raise ValueError(f"sequence split: dim {dim} of size {x.shape[dim]} does not divide by {n} ranks")
-    return x.chunk(n, dim=dim)[tdist.get_rank(group)].contiguous()
+    step = x.shape[dim] // n
+    return x.narrow(dim, rank * step, step).contiguous()
 
 
-def _vmap_same(ctx_info, in_dims, fn, x, *rest):
-    """vmap rule for elementwise collectives: run once on the batched tensor."""
-    return fn(x, *rest), in_dims[0]
+def _reduce_scatter(x: Tensor, dim: int, group: Group, rank) -> Tensor:
+    if tdist.get_backend(group) == "nccl" and dim == 0:
+        n = _size(group)
+        out = x.new_empty((x.shape[0] // n,) + tuple(x.shape[1:]))
+        tdist.reduce_scatter_single(out, x.contiguous(), group=group)
+        return out
+    # gloo has no reduce-scatter: all-reduce, keep our chunk (same numbers, more bytes)
+    return _split(_all_reduce(x, group), dim, group, rank)
 
 
 class _CopyToTP(torch.autograd.Function):
@@ -148,27 +147,27 @@ def _bdim_first(x: Tensor, bdim: int | None, dim: int) -> tuple[Tensor, int]:
 
 class _GatherSeq(torch.autograd.Function):
     @staticmethod
-    def forward(x, dim, group):
+    def forward(x, dim, group, rank):
         return _all_gather(x, dim, group)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        ctx.dim, ctx.group = inputs[1], inputs[2]
+        ctx.dim, ctx.group, ctx.rank = inputs[1], inputs[2], inputs[3]
 
     @staticmethod
     def backward(ctx, g):
-        return _reduce_scatter(g, ctx.dim, ctx.group), None, None
+        return _reduce_scatter(g, ctx.dim, ctx.group, ctx.rank), None, None, None
 
     @staticmethod
-    def vmap(info, in_dims, x, dim, group):
+    def vmap(info, in_dims, x, dim, group, rank):
         x, d = _bdim_first(x, in_dims[0], dim)
-        return _GatherSeq.apply(x, d, group), (None if in_dims[0] is None else 0)
+        return _GatherSeq.apply(x, d, group, rank), (None if in_dims[0] is None else 0)
 
 
 class _ReduceScatterSeq(torch.autograd.Function):
     @staticmethod
-    def forward(x, dim, group):
-        return _reduce_scatter(x, dim, group)
+    def forward(x, dim, group, rank):
+        return _reduce_scatter(x, dim, group, rank)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -176,18 +175,18 @@ class _ReduceScatterSeq(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g):
-        return _all_gather(g, ctx.dim, ctx.group), None, None
+        return _all_gather(g, ctx.dim, ctx.group), None, None, None
 
     @staticmethod
-    def vmap(info, in_dims, x, dim, group):
+    def vmap(info, in_dims, x, dim, group, rank):
         x, d = _bdim_first(x, in_dims[0], dim)
-        return _ReduceScatterSeq.apply(x, d, group), (None if in_dims[0] is None else 0)
+        return _ReduceScatterSeq.apply(x, d, group, rank), (None if in_dims[0] is None else 0)
 
 
 class _ScatterSeq(torch.autograd.Function):
     @staticmethod
-    def forward(x, dim, group):
-        return _split(x, dim, group)
+    def forward(x, dim, group, rank):
+        return _split(x, dim, group, rank)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -195,12 +194,30 @@ class _ScatterSeq(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g):
-        return _all_gather(g, ctx.dim, ctx.group), None, None
+        return _all_gather(g, ctx.dim, ctx.group), None, None, None
 
     @staticmethod
-    def vmap(info, in_dims, x, dim, group):
+    def vmap(info, in_dims, x, dim, group, rank):
         x, d = _bdim_first(x, in_dims[0], dim)
-        return _ScatterSeq.apply(x, d, group), (None if in_dims[0] is None else 0)
+        return _ScatterSeq.apply(x, d, group, rank), (None if in_dims[0] is None else 0)
+
+
+def _all_to_all_rows(x: Tensor, send: tuple, recv: tuple, group: Group) -> Tensor:
+    if all(isinstance(s, int) for s in send + recv):
+        out = x.new_empty((sum(recv),) + tuple(x.shape[1:]))
+        tdist.all_to_all_single(out, x.contiguous(), list(recv), list(send), group=group)
+        return out
+    # a simulated world (LocalTensorMode): the splits are per-rank SymInts, which the uneven
+    # all_to_all_single cannot take; pad every chunk to the most rows any rank holds, exchange
+    # equal chunks, unpad
+    n = _size(group)
+    rows = torch.ones(x.shape[0], dtype=torch.long).sum().reshape(1)
+    m = int(_all_reduce(rows, None, tdist.ReduceOp.MAX).item())  # over the world: one value for all
+    chunks = torch.split(x, list(send))
+    padded = torch.cat([torch.cat([c, c.new_zeros((m - c.shape[0],) + tuple(c.shape[1:]))]) for c in chunks])
+    out = torch.empty_like(padded)
+    tdist.all_to_all_single(out, padded.contiguous(), group=group)
+    return torch.cat([out[i * m:i * m + recv[i]] for i in range(n)])
 
 
 class _AllToAll(torch.autograd.Function):
@@ -208,9 +225,7 @@ class _AllToAll(torch.autograd.Function):
 
     @staticmethod
     def forward(x, send, recv, group):
-        out = x.new_empty((sum(recv),) + tuple(x.shape[1:]))
-        tdist.all_to_all_single(out, x.contiguous(), list(recv), list(send), group=group)
-        return out
+        return _all_to_all_rows(x, send, recv, group)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -231,15 +246,15 @@ def reduce_from_tp(x: Tensor, dist: Dist) -> Tensor:
 
 
 def gather_seq(x: Tensor, dist: Dist, dim: int = 1) -> Tensor:
-    return x if dist.tp is None else _GatherSeq.apply(x, dim, dist.tp)
+    return x if dist.tp is None else _GatherSeq.apply(x, dim, dist.tp, dist.tp_rank)
 
 
 def reduce_scatter_seq(x: Tensor, dist: Dist, dim: int = 1) -> Tensor:
-    return x if dist.tp is None else _ReduceScatterSeq.apply(x, dim, dist.tp)
+    return x if dist.tp is None else _ReduceScatterSeq.apply(x, dim, dist.tp, dist.tp_rank)
 
 
 def scatter_seq(x: Tensor, dist: Dist, dim: int = 1) -> Tensor:
-    return x if dist.tp is None else _ScatterSeq.apply(x, dim, dist.tp)
+    return x if dist.tp is None else _ScatterSeq.apply(x, dim, dist.tp, dist.tp_rank)
 
 
 def enter_tp(x: Tensor, dist: Dist, dim: int = 1) -> Tensor:
@@ -256,7 +271,7 @@ def all_to_all(x: Tensor, send: list[int], recv: list[int], group: Group) -> Ten
     """Uneven all-to-all of rows; backward sends the gradients back the way they came."""
     if group is None:
         return x
-    return _AllToAll.apply(x, tuple(int(s) for s in send), tuple(int(r) for r in recv), group)
+    return _AllToAll.apply(x, tuple(send), tuple(recv), group)
 
 
 def all_to_all_counts(counts: Tensor, group: Group) -> Tensor:

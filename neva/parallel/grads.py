@@ -1,0 +1,43 @@
+"""Gradient synchronisation across the ranks that share a leaf, in flat buckets.
+
+Each rank computes gradients of its local loss share (CE normalised by the step's global label
+count; MoE losses by the step's global micro-batch count), so shared leaves are *summed*:
+  - every leaf over the data ranks that see different samples: dp x ep for non-expert leaves, dp
+    for expert leaves (experts already receive every ep rank's tokens through the all-to-all);
+  - under SP, LLM leaves not sharded by tp (norms, router) over tp: each tp rank saw only its slice
+    of the sequence (Megatron all-reduces these "sequence-parallel" gradients too).
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from neva.params import flatten, unflatten
+from neva.parallel import comm
+from neva.parallel.comm import Dist
+
+
+def _bucket_all_reduce(tensors: list[Tensor], group) -> None:
+    """In-place sum of many tensors with one all-reduce per dtype."""
+    if group is None or not tensors:
+        return
+    by_dtype: dict[torch.dtype, list[Tensor]] = {}
+    for t in tensors:
+        by_dtype.setdefault(t.dtype, []).append(t)
+    for ts in by_dtype.values():
+        flat = torch.cat([t.reshape(-1) for t in ts])
+        comm.all_reduce_(flat, group)
+        off = 0
+        for t in ts:
+            t.copy_(flat[off:off + t.numel()].view_as(t))
+            off += t.numel()
+
+
+def sync_grads(grads: dict, placements: dict[str, tuple], dist: Dist) -> dict:
+    """Sum ``grads`` (local shards, same tree as the local params) over the ranks sharing them."""
+    flat = flatten(grads)
+    if dist.sp:
+        _bucket_all_reduce([g for p, g in flat.items() if p.startswith("llm/") and "tp" not in placements[p]], dist.tp)
+    _bucket_all_reduce([g for p, g in flat.items() if "ep" not in placements[p]], dist.data)
+    _bucket_all_reduce([g for p, g in flat.items() if "ep" in placements[p]], dist.dp)
+    return unflatten(flat)

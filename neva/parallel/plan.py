@@ -1,0 +1,298 @@
+"""The parallel plan: logical axes -> mesh axes, resolved to a placement per leaf.
+
+A placement is a tuple with one mesh axis (``"tp"``, ``"ep"``) or None per dim of the leaf. Rules map
+logical axes (from each leaf's ParamSpec) to mesh axes; path-regex overrides come first (first match
+wins, big_vision style). ``validate`` checks everything that must divide, up front, and suggests a
+layout that fits; ``shard`` slices a full tree into one rank's local tree (dropping leaves of other
+pipeline stages); ``unshard`` puts local trees back together.
+
+Mesh order is (pp, dp, ep, tp), tp fastest: rank = ((pp_i * dp + dp_i) * ep + ep_i) * tp + tp_i.
+Data is split over dp x ep; experts over ep; heads, mlp and vocab over tp; layers over pp.
+"""
+from __future__ import annotations
+
+import itertools
+import math
+import re
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from neva.config import ModelConfig
+from neva.params import ParamSpec, flatten, unflatten
+
+RULES = {"heads": "tp", "kv_heads": "tp", "mlp": "tp", "vocab": "tp", "experts": "ep"}
+AXES = ("pp", "dp", "ep", "tp")
+PARTS = ("vision", "projector", "llm")
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Sizes of the mesh axes; ``dp`` is what is left of the world size."""
+
+    tp: int = 1
+    pp: int = 1
+    ep: int = 1
+    dp: int = 1
+    sp: bool = False
+
+    @property
+    def world(self) -> int:
+        return self.tp * self.pp * self.ep * self.dp
+
+    def size(self, axis: str) -> int:
+        return getattr(self, axis)
+
+    def coords(self, rank: int) -> dict[str, int]:
+        out = {}
+        for axis in reversed(AXES):
+            out[axis] = rank % self.size(axis)
+            rank //= self.size(axis)
+        return out
+
+    def rank(self, coords: dict[str, int]) -> int:
+        r = 0
+        for axis in AXES:
+            r = r * self.size(axis) + coords.get(axis, 0)
+        return r
+
+    def __str__(self) -> str:
+        s = "x".join(f"{a}{self.size(a)}" for a in AXES if self.size(a) > 1) or "single"
+        return s + ("+sp" if self.sp else "")
+
+    @staticmethod
+    def fit(world: int, tp: int = 1, pp: int = 1, ep: int = 1, sp: bool = False) -> "Layout":
+        """The layout with dp = world / (tp * pp * ep); an error if that does not divide."""
+        if min(tp, pp, ep) < 1:
+            raise ValueError(f"parallel sizes must be >= 1: tp={tp} pp={pp} ep={ep}")
+        if world % (tp * pp * ep):
+            raise ValueError(f"world size {world} is not divisible by tp*pp*ep = {tp}*{pp}*{ep} = {tp * pp * ep}; "
+                             f"launch a multiple of {tp * pp * ep} processes or change parallel.tp/pp/ep")
+        return Layout(tp=tp, pp=pp, ep=ep, dp=world // (tp * pp * ep), sp=sp)
+
+
+def stage_layers(n_layers: int, pp: int, first_cost: float = 0.0, last_cost: float = 0.0) -> list[range]:
+    """Contiguous layer ranges per stage minimising the most loaded stage, where each layer costs 1,
+    stage 0 also carries ``first_cost`` (vision, projector) and the last ``last_cost`` (LM head)."""
+    if pp > n_layers:
+        raise ValueError(f"parallel.pp={pp} stages need at least {pp} layers; the LLM has {n_layers}")
+    if math.comb(n_layers - 1, pp - 1) > 20000:  # too many splits to try: even
+        bounds = [round(i * n_layers / pp) for i in range(pp + 1)]
+        return [range(bounds[i], bounds[i + 1]) for i in range(pp)]
+
+    def key(bounds):
+        cost = [bounds[i + 1] - bounds[i] for i in range(pp)]
+        cost[0] += first_cost
+        cost[-1] += last_cost
+        return max(cost), sum(c * c for c in cost)
+    splits = ([0, *cuts, n_layers] for cuts in itertools.combinations(range(1, n_layers), pp - 1))
+    bounds = min(splits, key=key)
+    return [range(bounds[i], bounds[i + 1]) for i in range(pp)]
+
+
+def stage_costs(cfg: ModelConfig, text_tokens: int = 64) -> tuple[float, float]:
+    """Rough cost of vision + projector and of the LM head in LLM-layer units, for a sample of one
+    image and ``text_tokens`` words."""
+    l, v = cfg.llm, cfg.vision
+    tokens = cfg.tokens_per_image + text_tokens
+    layer = tokens * (2 * l.dim * (l.n_heads + l.n_kv_heads) * l.hd + 3 * l.dim * l.ffn_dim * (l.top_k if l.n_experts else 1))
+    vis = v.layers_used * v.n_positions * (4 * v.dim * v.dim + 2 * v.dim * v.mlp_dim)
+    head = text_tokens * l.dim * l.vocab_size
+    return vis / layer, head / layer
+
+
+@dataclass(frozen=True)
+class Plan:
+    layout: Layout = field(default_factory=Layout)
+    rules: tuple = tuple(RULES.items())
+    overrides: tuple = ()            # ((regex, "replicate" | tuple of mesh axis or None per dim), ...)
+
+    # ------------------------------------------------------------------------------ placements
+    def placement(self, path: str, spec: ParamSpec) -> tuple:
+        for rx, val in self.overrides:
+            if re.search(rx, path):
+                if val == "replicate":
+                    return (None,) * len(spec.shape)
+                if len(val) != len(spec.shape):
+                    raise ValueError(f"plan override {rx!r} gives {len(val)} dims for {path} of shape {spec.shape}")
+                return tuple(val)
+        rules = dict(self.rules)
+        out = []
+        for ax in spec.axes:
+            mesh_ax = rules.get(ax)
+            out.append(mesh_ax if mesh_ax and self.layout.size(mesh_ax) > 1 else None)
+        return tuple(out)
+
+    def placements(self, specs: dict) -> dict[str, tuple]:
+        return {p: self.placement(p, s) for p, s in flatten(specs).items()}
+
+    def replicated_parts(self, specs: dict) -> frozenset:
+        """Parts the plan keeps whole on every tp rank (they then run with tp off)."""
+        pl = self.placements(specs)
+        out = set()
+        for part in ("vision", "projector"):
+            mine = [v for p, v in pl.items() if p.startswith(part + "/")]
+            if mine and all("tp" not in v for v in mine):
+                out.add(part)
+        return frozenset(out)
+
+    # --------------------------------------------------------------------------------- stages
+    def stages(self, cfg: ModelConfig) -> list[range]:
+        return stage_layers(cfg.llm.n_layers, self.layout.pp, *stage_costs(cfg))
+
+    def stage_of(self, path: str, cfg: ModelConfig) -> int:
+        """Pipeline stage that holds a leaf: media and embeddings on 0, norm and head on the last."""
+        m = re.match(r"llm/layers/(\d+)/", path)
+        if m:
+            i = int(m.group(1))
+            return next(s for s, r in enumerate(self.stages(cfg)) if i in r)
+        if path.startswith(("llm/norm/", "llm/lm_head/")):
+            return self.layout.pp - 1
+        return 0
+
+    # ------------------------------------------------------------------------------- validate
+    def validate(self, cfg: ModelConfig, specs: dict, world: int | None = None, suggest: bool = True) -> "Plan":
+        """Raise, naming what does not divide and a layout that would, before any work starts."""
+        lay, l, v = self.layout, cfg.llm, cfg.vision
+        problems = []
+        if world is not None and world != lay.world:
+            problems.append(f"the layout {lay} needs {lay.world} processes but {world} were launched")
+        if lay.ep > 1 and not l.n_experts:
+            problems.append(f"parallel.ep={lay.ep} needs an MoE LLM; {l.kind} has no experts")
+        if l.n_experts and l.n_experts % lay.ep:
+            problems.append(f"n_experts={l.n_experts} is not divisible by parallel.ep={lay.ep}")
+        if lay.pp > l.n_layers:
+            problems.append(f"parallel.pp={lay.pp} is more stages than the {l.n_layers} LLM layers")
+        if lay.pp > 1 and l.tie_embeddings:
+            problems.append("tied embeddings with parallel.pp>1 are not supported (the embedding and the LM "
+                            "head live on different stages); untie them or use pp=1")
+        if lay.sp and lay.tp == 1:
+            problems.append("parallel.sp=true needs parallel.tp > 1 (the sequence is split over tp)")
+        pl = self.placements(specs)
+        flat = flatten(specs)
+        for path, place in pl.items():
+            shape = flat[path].shape
+            for d, ax in enumerate(place):
+                if ax is not None and shape[d] % lay.size(ax):
+                    problems.append(f"{path} dim {d} ({flat[path].axes[d]}) of size {shape[d]} "
+                                    f"does not divide by {ax}={lay.size(ax)}")
+        heads = [("llm", l.n_heads, "n_heads"), ("llm", l.n_kv_heads, "n_kv_heads"), ("vision", v.n_heads, "vision.n_heads")]
+        reps = self.replicated_parts(specs)
+        for part, n, name in heads:
+            if part not in reps and lay.tp > 1 and n % lay.tp:
+                problems.append(f"{name}={n} does not divide by tp={lay.tp}")
+        for part in ("vision", "projector"):  # a part is sharded as a whole or replicated as a whole
+            mine = {p: pv for p, pv in pl.items() if p.startswith(part + "/")}
+            tp_able = [p for p in mine if "tp" in [dict(self.rules).get(a) for a in flat[p].axes]]
+            if part not in reps and lay.tp > 1 and any("tp" not in mine[p] for p in tp_able):
+                problems.append(f"{part}: overrides replicate some but not all of its tp-sharded leaves; "
+                                f"replicate all of it with ({part + '/.*'!r}, 'replicate') or none")
+        if problems:
+            raise ValueError(f"parallel plan {lay} does not fit the model:\n  - " + "\n  - ".join(dict.fromkeys(problems))
+                             + (self._suggest(cfg, specs, world or lay.world) if suggest else ""))
+        return self
+
+    def _suggest(self, cfg: ModelConfig, specs: dict, world: int) -> str:
+        fits = []
+        for tp, pp, ep in itertools.product([1, 2, 4, 8], repeat=3):
+            if world % (tp * pp * ep):
+                continue
+            cand = Plan(Layout.fit(world, tp, pp, ep, self.layout.sp and tp > 1), self.rules, self.overrides)
+            try:
+                cand.validate(cfg, specs, world, suggest=False)
+            except ValueError:
+                continue
+            fits.append(str(cand.layout))
+        fits.sort(key=lambda f: (f.count("pp"), f.count("ep"), -len(f)))
+        return ("\n  layouts that fit " + f"{world} processes: " + ", ".join(fits[:12])) if fits else ""
+
+    # ---------------------------------------------------------------------------- shard/unshard
+    def shard_leaf(self, t: Tensor, place: tuple, coords: dict) -> Tensor:
+        for d, ax in enumerate(place):
+            if ax is not None:
+                n = self.layout.size(ax)
+                step = t.shape[d] // n
+                t = t.narrow(d, coords[ax] * step, step)
+        return t.contiguous()
+
+    def shard(self, params: dict, specs: dict, cfg: ModelConfig, rank: int) -> dict:
+        """Full tree -> this rank's local tree (its stage's leaves, sliced by placement)."""
+        coords = self.layout.coords(rank)
+        pl = self.placements(specs)
+        return unflatten({p: self.shard_leaf(t, pl[p], coords) for p, t in flatten(params).items()
+                          if self.stage_of(p, cfg) == coords["pp"]})
+
+    def unshard(self, local_trees: list[dict], specs: dict) -> dict:
+        """Local trees of every rank (index = rank) -> the full tree."""
+        pl = self.placements(specs)
+        flat_local = [flatten(t) for t in local_trees]
+        out = {}
+        for path, place in pl.items():
+            holders = [r for r in range(len(flat_local)) if path in flat_local[r]]
+            if not holders:
+                raise KeyError(f"unshard: no rank holds {path}")
+            out[path] = self._assemble(path, place, {r: flat_local[r][path] for r in holders})
+        return unflatten(out)
+
+    def _assemble(self, path: str, place: tuple, pieces: dict[int, Tensor]) -> Tensor:
+        sharded = [(d, ax) for d, ax in enumerate(place) if ax is not None]
+        if not sharded:
+            return next(iter(pieces.values()))
+        # one representative rank per combination of the sharded axes' coordinates
+        reps: dict[tuple, Tensor] = {}
+        for r, t in pieces.items():
+            c = self.layout.coords(r)
+            reps.setdefault(tuple(c[ax] for _, ax in sharded), t)
+
+        def build(level: int, prefix: tuple) -> Tensor:
+            if level == len(sharded):
+                return reps[prefix]
+            d, ax = sharded[level]
+            return torch.cat([build(level + 1, prefix + (i,)) for i in range(self.layout.size(ax))], dim=d)
+        return build(0, ())
+
+    # --------------------------------------------------------------------------------- summary
+    def summary(self, cfg: ModelConfig, specs: dict, bytes_per_param: int = 4) -> str:
+        """Per-rank parameter bytes and the collectives each layer issues, for a person to read."""
+        lay = self.layout
+        pl, flat = self.placements(specs), flatten(specs)
+        lines = [f"plan {lay} (world {lay.world}; data split over dp x ep = {lay.dp * lay.ep})"]
+        per_stage = self.stages(cfg)
+        for s in range(lay.pp):
+            r = lay.rank({"pp": s})
+            c = lay.coords(r)
+            n = sum(math.prod(self.shard_leaf(torch.empty(0).new_empty(flat[p].shape, device="meta"), pl[p], c).shape)
+                    for p in flat if self.stage_of(p, cfg) == s)
+            lines.append(f"  stage {s}: llm layers {per_stage[s].start}-{per_stage[s].stop - 1}"
+                         f"{' + vision + projector + embed' if s == 0 else ''}"
+                         f"{' + norm + lm_head' if s == lay.pp - 1 else ''}: "
+                         f"{n / 1e6:.2f}M params, {n * bytes_per_param / 2**20:.1f} MiB per rank")
+        reps = self.replicated_parts(specs)
+        enter = "all-gather(seq) fwd / reduce-scatter bwd" if lay.sp else "identity fwd / all-reduce bwd"
+        leave = "reduce-scatter(seq) fwd / all-gather bwd" if lay.sp else "all-reduce fwd / identity bwd"
+        if lay.tp > 1:
+            lines.append(f"  per LLM layer, attention and MLP each: enter TP {enter}; leave TP {leave}")
+            lines.append("  embedding: all-reduce fwd; loss: 3 all-reduces of [tokens] (max, sum-exp, target logit)")
+            for part in ("vision", "projector"):
+                lines.append(f"  {part}: " + ("replicated on every tp rank (no collectives)" if part in reps
+                                             else "sharded over tp: all-reduce fwd and bwd per block"))
+        if cfg.llm.n_experts:
+            if lay.ep > 1:
+                lines.append("  per MoE layer: all-to-all of counts, all-to-all of tokens out and back (x2 in bwd)")
+            if lay.sp:
+                lines.append("  per MoE layer: all-reduce of routing statistics over tp (load-balancing loss)")
+        if lay.pp > 1:
+            lines.append("  per micro-batch and stage boundary: send/recv activations fwd, gradients bwd")
+        if lay.dp * lay.ep > 1:
+            lines.append("  per step: all-reduce of non-expert gradients over dp x ep"
+                         + (", of expert gradients over dp" if lay.ep > 1 else ""))
+        if lay.sp:
+            lines.append("  per step: all-reduce over tp of the gradients of LLM leaves not sharded by tp (norms, router)")
+        return "\n".join(lines)
+
+    def describe(self, cfg: ModelConfig, specs: dict) -> str:
+        """One line per leaf: path, shape, logical axes, placement, stage (the golden-file format)."""
+        pl, flat = self.placements(specs), flatten(specs)
+        return "\n".join(f"{p} {tuple(flat[p].shape)} {flat[p].axes} -> {pl[p]} stage {self.stage_of(p, cfg)}"
+                         for p in flat) + "\n"
