@@ -1,8 +1,9 @@
 """LoRA as extra leaves of the params tree, merged functionally before the forward.
 
-``add(params, LoraConfig(...))`` puts ``lora_a [r, in]`` (normal(1/sqrt(in))) and
-``lora_b [out, r]`` (zeros, so training starts at the base model) next to each chosen weight
-``.../w [out, in]`` (MoE experts: ``[E, r, in]`` / ``[E, out, r]``). ``materialize(params)`` returns the
+``add(params, LoraConfig(...))`` puts ``<weight>_lora_a [r, in]`` (normal(1/sqrt(in))) and
+``<weight>_lora_b [out, r]`` (zeros, so training starts at the base model) beside each chosen weight
+``<weight> [out, in]`` (e.g. ``llm/layers/0/attn/wq/w_lora_a``; MoE experts ``mlp/w1_lora_a``
+``[E, r, in]`` / ``[E, out, r]``). ``materialize(params)`` returns the
 tree the model reads, ``w + (alpha / r) * b @ a`` with the LoRA leaves removed; it runs inside the
 differentiated function (``StepSetup.prepare``), so gradients reach a and b and the model code does
 not know LoRA exists. ``merge`` is the same, detached, for export. ``groups`` freezes everything else.
@@ -45,7 +46,7 @@ class LoraConfig:
 
 
 def _is_lora(path: str) -> bool:
-    return path.endswith("/lora_a") or path.endswith("/lora_b")
+    return path.endswith("_lora_a") or path.endswith("_lora_b")
 
 
 def add(params: Tree, cfg: LoraConfig) -> Tree:
@@ -62,15 +63,10 @@ def add(params: Tree, cfg: LoraConfig) -> Tree:
     for p in hits:
         w = flat[p]
         *lead, d_out, d_in = w.shape
-        base = p.rsplit("/", 1)[0] if p.endswith("/w") else p
-        gen = torch.Generator().manual_seed(path_seed(cfg.seed, base + "/lora_a"))
-        out[f"{base}/lora_a"] = (torch.randn(*lead, cfg.rank, d_in, generator=gen) / math.sqrt(d_in)).to(w.dtype)
-        out[f"{base}/lora_b"] = torch.zeros(*lead, d_out, cfg.rank, dtype=w.dtype)
+        gen = torch.Generator().manual_seed(path_seed(cfg.seed, p + "_lora_a"))
+        out[f"{p}_lora_a"] = (torch.randn(*lead, cfg.rank, d_in, generator=gen) / math.sqrt(d_in)).to(w.dtype)
+        out[f"{p}_lora_b"] = torch.zeros(*lead, d_out, cfg.rank, dtype=w.dtype)
     return unflatten(out)
-
-
-def _weight_path(flat: dict, base: str) -> str:
-    return f"{base}/w" if f"{base}/w" in flat else base
 
 
 def materialize(params: Tree, scale: float) -> Tree:
@@ -78,10 +74,9 @@ def materialize(params: Tree, scale: float) -> Tree:
     flat = flatten(params)
     out = {p: v for p, v in flat.items() if not _is_lora(p)}
     for p in flat:
-        if p.endswith("/lora_a"):
-            base = p[: -len("/lora_a")]
-            wp = _weight_path(flat, base)
-            a, b = flat[p], flat[f"{base}/lora_b"]
+        if p.endswith("_lora_a"):
+            wp = p[: -len("_lora_a")]
+            a, b = flat[p], flat[f"{wp}_lora_b"]
             out[wp] = out[wp] + (scale * (b @ a)).to(out[wp].dtype)
     return unflatten(out)
 
@@ -94,4 +89,4 @@ def merge(params: Tree, scale: float) -> Tree:
 
 def groups(base: tuple[Group, ...] = ()) -> tuple[Group, ...]:
     """Optimizer groups that train only the LoRA leaves (given ``base`` groups first)."""
-    return (*base, Group(r"/lora_[ab]$"), Group(r".*", frozen=True))
+    return (*base, Group(r"_lora_[ab]$"), Group(r".*", frozen=True))

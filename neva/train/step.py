@@ -174,7 +174,8 @@ class TrainState:
 
 
 def init_state(params: Tree, setup: StepSetup) -> TrainState:
-    """Cast ``params`` to the precision policy and create the optimizer state (masters in fp32)."""
+    """Cast ``params`` to the precision policy and create the optimizer state (masters in fp32).
+    The state takes ownership of ``params``: fp32 leaves are updated in place, not copied."""
     pol = setup.pol
     setup.opt.validate()
     trainable = optim.trainable_paths(params, setup.opt)

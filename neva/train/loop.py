@@ -1,0 +1,183 @@
+"""The training loop every experiment shares: resume, steps, metrics, checkpoints, evaluation hooks.
+
+    state = loop.train(exp, params, batches, eval_fn=...)
+
+``batches`` is an iterator of batches (``neva.model`` batch dicts, ``data.batch_size`` rows each);
+if it has ``state_dict()`` / ``load_state_dict()`` (a sampler position) that goes into checkpoints,
+so a resumed run sees the same data. Writes under ``run.dir``: ``config.json`` (the resolved config),
+``metrics.jsonl`` (one row per step: ``step``, ``loss``, ``ce``, ``aux``, ``z``, ``lr``, ``grad_norm``,
+``tokens_per_s`` ... plus evaluation results on the steps that evaluate), TensorBoard events in
+``tb/``, checkpoints in ``checkpoints/``. On an error (a run of non-finite losses, Ctrl-C) the last
+good state is checkpointed before the error propagates, so nothing trained is lost.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+import torch.distributed as tdist
+
+from neva.experiment import Experiment, optimizer_groups, save as save_config
+from neva.params import Tree
+from neva.parallel.comm import LOCAL, Dist
+from neva.train import checkpoint as ckpt
+from neva.train import lora as lora_mod
+from neva.train import optim
+from neva.train.remat import RematPolicy
+from neva.train.step import NonFiniteLoss, StepSetup, TrainState, init_state, split_batch, train_step
+
+
+def is_main() -> bool:
+    return not (tdist.is_available() and tdist.is_initialized()) or tdist.get_rank() == 0
+
+
+def make_setup(exp: Experiment, dist: Dist = LOCAL, steps: int | None = None, groups: tuple | None = None) -> StepSetup:
+    """The StepSetup an experiment's ``train`` section describes (LoRA freezes all but its leaves)."""
+    t = exp.train
+    gs = optimizer_groups(exp) if groups is None else groups
+    prepare = None
+    if t.lora:
+        gs = lora_mod.groups(gs)
+        scale = t.lora_alpha / t.lora_rank
+        prepare = lambda p: lora_mod.materialize(p, scale)  # noqa: E731
+    opt = optim.AdamW(lr=t.lr, betas=t.betas, weight_decay=t.weight_decay, clip=t.clip, warmup=t.warmup,
+                      total=steps or t.steps, min_lr_ratio=t.min_lr_ratio, groups=gs)
+    remat = RematPolicy(t.remat, t.remat_layers) if t.remat != "none" else None
+    return StepSetup(exp.model, opt.validate(), precision=t.precision, dist=dist, mode=t.mode, remat=remat,
+                     max_bad_steps=t.max_bad_steps, prepare=prepare)
+
+
+class Metrics:
+    """metrics.jsonl + TensorBoard, written by the main rank only. On resume, rows past the resumed
+    step (written by the run that died) are dropped so the file reads as one clean run."""
+
+    def __init__(self, run_dir: Path, keep_upto: int, tensorboard: bool, main: bool):
+        self.main = main
+        self.path = run_dir / "metrics.jsonl"
+        self.tb = None
+        if not main:
+            return
+        rows = []
+        if keep_upto and self.path.exists():
+            rows = [r for r in map(json.loads, self.path.read_text().splitlines()) if r["step"] <= keep_upto]
+        self.path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+                self.tb = SummaryWriter(str(run_dir / "tb"), purge_step=keep_upto + 1 if keep_upto else None)
+            except ImportError:                                  # tensorboard is optional at run time
+                self.tb = None
+
+    def write(self, row: dict) -> None:
+        if not self.main:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        if self.tb is not None:
+            for k, v in row.items():
+                if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
+                    self.tb.add_scalar(k if "/" in k else f"train/{k}", v, row["step"])
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+def read_metrics(run_dir: str | Path) -> list[dict]:
+    p = Path(run_dir) / "metrics.jsonl"
+    return [json.loads(line) for line in p.read_text().splitlines()] if p.exists() else []
+
+
+@dataclass
+class Result:
+    state: TrainState
+    setup: StepSetup
+    rows: list[dict] = field(default_factory=list)
+    resumed_from: Path | None = None
+
+
+def train(exp: Experiment, params: Tree, batches: Iterator[dict], *, dist: Dist = LOCAL,
+          eval_fn: Callable[[Tree, int], dict] | None = None, setup: StepSetup | None = None,
+          steps: int | None = None, run_dir: str | Path | None = None, desc: str = "train",
+          tag: str = "", step_offset: int = 0) -> Result:
+    """Train ``params`` (fp32 tree; LoRA leaves already added if ``train.lora``) for ``steps``
+    (default ``train.steps``) on ``batches``. ``eval_fn(params, step) -> {name: number}`` runs every
+    ``eval.every`` steps; its results join that step's metrics row. ``tag`` prefixes metric names
+    and names its checkpoint folder (a stage of a multi-stage recipe); ``step_offset`` shifts the
+    ``step`` of its metrics rows so stages read as one curve."""
+    run_dir = Path(run_dir or exp.run.dir)
+    steps = steps or exp.train.steps
+    setup = setup or make_setup(exp, dist, steps)
+    main = is_main()
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(exp, run_dir)
+    state = init_state(params, setup)
+    ck_dir = run_dir / "checkpoints" / tag if tag else run_dir / "checkpoints"
+    start, resumed = 0, ckpt.resolve(exp.train.resume, ck_dir)
+    if resumed is not None:
+        meta = ckpt.load(resumed, state)
+        start = int(meta["step"])
+        if meta.get("sampler") is not None and hasattr(batches, "load_state_dict"):
+            batches.load_state_dict(meta["sampler"])
+        if main:
+            print(f"resumed from {resumed} at step {start}")
+    metrics = Metrics(run_dir, step_offset + start, exp.run.tensorboard, main)
+    result = Result(state, setup, resumed_from=resumed)
+
+    def save(step: int) -> None:
+        sampler = batches.state_dict() if hasattr(batches, "state_dict") else None
+        ckpt.save(ck_dir, step, state, {"sampler": sampler, "tag": tag}, keep_last=exp.checkpoint.keep_last)
+
+    bar = _progress(exp, start, steps, desc, main)
+    step = start
+    last_saved = start if resumed is not None else -1
+    try:
+        it = iter(batches)
+        while step < steps:
+            t0 = time.perf_counter()
+            batch = next(it)
+            t_data = time.perf_counter() - t0
+            row = train_step(state, split_batch(batch, exp.train.grad_accum, setup.cfg), setup)
+            step += 1
+            n_in = int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
+            row.update(step=step + step_offset, opt_step=row.pop("step"), tokens_per_s=n_in / max(row["time"], 1e-9),
+                       data_time=t_data)
+            if eval_fn is not None and exp.eval.every and step % exp.eval.every == 0 and step < steps:
+                row.update(eval_fn(state.params, step))
+            if tag:
+                row = {("step" if k == "step" else f"{tag}/{k}" if k != "loss" else "loss"): v for k, v in row.items()}
+            if step % exp.train.log_every == 0 or step == steps:
+                metrics.write(row)
+            result.rows.append(row)
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{row['loss']:.3f}", refresh=False)
+            if exp.checkpoint.every and step % exp.checkpoint.every == 0 and step < steps:
+                save(step)
+                last_saved = step
+        save(step)
+        last_saved = step
+    except (NonFiniteLoss, KeyboardInterrupt):
+        if step != last_saved:
+            save(step)
+            if main:
+                print(f"saved the last good state at step {step} to {ck_dir}; resume with train.resume=auto")
+        raise
+    finally:
+        if bar is not None:
+            bar.close()
+        metrics.close()
+    return result
+
+
+def _progress(exp: Experiment, start: int, total: int, desc: str, main: bool):
+    if not (exp.run.progress and main):
+        return None
+    from tqdm.auto import tqdm
+    return tqdm(total=total, initial=start, desc=desc, dynamic_ncols=True, mininterval=1.0)

@@ -1,0 +1,57 @@
+"""LoRA: zero effect at init, only LoRA leaves train (autograd and torch.func agree), merge on export."""
+import pytest
+import torch
+
+from neva import model
+from neva.params import flatten
+from neva.train import lora, optim
+from neva.train import step as S
+from train_helpers import batch, max_diff, params, tiny_cfg
+
+
+@pytest.mark.parametrize("targets", ["attn", "mlp", "all"])
+def test_lora_trains_only_its_leaves_and_merges(targets):
+    cfg = tiny_cfg()
+    base = params(cfg)
+    b = batch(cfg)
+    lc = lora.LoraConfig(targets=targets, rank=4, alpha=8)
+    p = lora.add(base, lc)
+    added = [k for k in flatten(p) if k.endswith(("_lora_a", "_lora_b"))]
+    want = {"attn": 4, "mlp": 3, "all": 7}[targets] * cfg.llm.n_layers * 2
+    assert len(added) == want
+    if targets != "attn":
+        assert flatten(p)["llm/layers/0/mlp/w1_lora_a"].shape == (4, 4, 64)    # one LoRA per expert
+    ref = model.forward(base, cfg, b)["logits"]
+    assert torch.equal(model.forward(lora.materialize(p, lc.scale), cfg, b)["logits"], ref)  # b = 0 at init
+    setup = S.StepSetup(cfg, optim.AdamW(lr=1e-2, groups=lora.groups()), prepare=lambda t: lora.materialize(t, lc.scale))
+    st = S.init_state(p, setup)                            # takes ownership: updates in place
+    p = {k: v.clone() for k, v in flatten(p).items()}
+    assert sorted(st.trainable) == sorted(added)
+    for _ in range(3):
+        S.train_step(st, [b], setup)
+    after = flatten(st.params)
+    for k, v in p.items():
+        assert torch.equal(after[k], v) != (k in added), k
+    merged = lora.merge(st.params, lc.scale)
+    assert set(flatten(merged)) == set(flatten(base))
+    assert torch.allclose(model.forward(merged, cfg, b)["logits"], model.forward(lora.materialize(st.params, lc.scale), cfg, b)["logits"], atol=1e-5)
+    assert not torch.allclose(model.forward(merged, cfg, b)["logits"], ref, atol=1e-4)
+
+
+def test_lora_grads_autograd_equal_func():
+    cfg = tiny_cfg()
+    p = lora.add(params(cfg), lora.LoraConfig("attn", rank=2))
+    flat = flatten(p)
+    for k in flat:
+        if k.endswith("_lora_b"):
+            flat[k].normal_(0, 0.1)                       # nonzero b so every LoRA leaf gets a gradient
+    prep = lambda t: lora.materialize(t, 2.0)              # noqa: E731
+    tr = optim.trainable_paths(p, optim.AdamW(groups=lora.groups()))
+    ga, _ = S.compute_grads(p, cfg, [batch(cfg)], trainable=tr, prepare=prep)
+    gf, _ = S.compute_grads(p, cfg, [batch(cfg)], trainable=tr, prepare=prep, mode="func")
+    assert max_diff(ga, gf) < 1e-6 and all(float(g.abs().sum()) > 0 for g in ga.values())
+
+
+def test_lora_bad_targets():
+    with pytest.raises(ValueError, match="match no 2-D/3-D weight"):
+        lora.add(params(tiny_cfg()), lora.LoraConfig(targets=r"^nothing/"))
