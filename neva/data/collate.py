@@ -1,0 +1,69 @@
+"""Rows of samples -> the batch dict ``neva.model`` takes (see the contract at the top of model.py).
+
+A *row* is a list of ``Sample``s: one sample (unpacked) or several (packed). The collate returns
+
+  input_ids      int64[B, T]    right-padded with ``pad_id``
+  labels         int64[B, T]    IGNORE (-100) on padding and untrained tokens
+  attention_mask int64[B, T]    1 token, 0 padding
+  position_ids   int64[B, T]    0.. per sample (restarting in packed rows), 0 on padding
+  segment_ids    int64[B, T]    packed only: samples 1..k within a row, 0 on padding
+  pixel_values   float32[N, 3, H, W]  every row's media, row-major, in order of appearance
+  "_stats"       {"skipped": [messages], "truncated": n, "samples": n}  (the Loader pops it)
+
+T is ``pad_to`` when given (packed rows, or fixed-shape unpacked batches), else the longest row.
+Skipped samples (their media failed to decode under ``on_bad_sample=skip``) are left out of their
+row and reported in ``_stats``; a row left empty is dropped.
+"""
+from __future__ import annotations
+
+import torch
+
+from neva.loss import IGNORE
+
+
+def collate(rows: list[list], *, packed: bool, pad_to: int | None = None, pad_id: int = 0,
+            image_size: int | None = None) -> dict:
+    skipped = [s.skipped for row in rows for s in row if s.skipped is not None]
+    rows = [[s for s in row if s.skipped is None] for row in rows]
+    rows = [row for row in rows if row]
+    stats = {"skipped": skipped, "truncated": sum(s.truncated > 0 for row in rows for s in row),
+             "samples": sum(len(row) for row in rows)}
+    if not rows:
+        return {"_stats": stats}
+    lens = [sum(len(s.input_ids) for s in row) for row in rows]
+    T = pad_to if pad_to is not None else max(lens)
+    if max(lens) > T:
+        raise ValueError(f"a row holds {max(lens)} tokens, more than pad_to={T}")
+    B = len(rows)
+    ids = torch.full((B, T), pad_id, dtype=torch.int64)
+    labels = torch.full((B, T), IGNORE, dtype=torch.int64)
+    mask = torch.zeros(B, T, dtype=torch.int64)
+    pos = torch.zeros(B, T, dtype=torch.int64)
+    seg = torch.zeros(B, T, dtype=torch.int64)
+    pix = []
+    for b, row in enumerate(rows):
+        t = 0
+        for k, s in enumerate(row):
+            n = len(s.input_ids)
+            ids[b, t:t + n] = s.input_ids
+            labels[b, t:t + n] = s.labels
+            mask[b, t:t + n] = 1
+            pos[b, t:t + n] = torch.arange(n)
+            seg[b, t:t + n] = k + 1
+            t += n
+            if s.pixel_values is not None and len(s.pixel_values):
+                pix.append(s.pixel_values)
+    if pix:
+        shapes = sorted({tuple(p.shape[1:]) for p in pix})
+        if len(shapes) > 1:
+            raise ValueError(f"the batch's images have different sizes {shapes} (image_mode=keep keeps aspect "
+                             f"ratios): use image_mode=square or pad for a fixed-grid encoder")
+        pixel_values = torch.cat(pix)
+    else:
+        side = image_size or 1
+        pixel_values = torch.zeros(0, 3, side, side)
+    batch = {"input_ids": ids, "labels": labels, "attention_mask": mask, "position_ids": pos,
+             "pixel_values": pixel_values, "_stats": stats}
+    if packed:
+        batch["segment_ids"] = seg
+    return batch

@@ -1,0 +1,65 @@
+"""DataConfig: every knob of the data pipeline, overridable from the command line as ``data.<field>``.
+
+The model decides what a media token is (``ModelConfig.image_token_id``, ``tokens_per_image``,
+the encoder's kind and image size); this config decides everything between files and the batch.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+IMAGE_MODES = ("square", "pad", "keep")
+SPLICE = (None, "first", "middle", "last")
+PACKING_ALGOS = ("first_fit_decreasing", "first_fit_shuffle")
+ON_BAD = ("error", "skip")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    data_path: str = "data/synthetic/train.jsonl"   # LLaVA JSON (a list) or JSONL (one record a line)
+    eval_path: str | None = "data/synthetic/eval.jsonl"  # held-out records (same format)
+    image_folder: str | None = None       # image paths are relative to this (default: the data file's folder)
+    video_folder: str | None = None       # a folder or a .tar of videos (default: the data file's folder)
+    tokenizer: str = "mixtral"            # mixtral | llama3 (shipped, offline) | a local HF tokenizer folder
+    template: str = "mistral"             # plain | v1 | llama_2 | llama_3 | mistral | nvgpt | chatml
+    system_prompt: str | None = None      # replaces the template's default system prompt
+    image_mode: str = "square"            # square (the encoder's HF processor) | pad (LLaVA-1.5) | keep
+    num_frames: int = 4                   # frames per <video> (linspace; repeat the last; -1 = all frames)
+    splice_single_frame: str | None = None  # first | middle | last: one frame per video instead
+    max_seq_len: int = 256                # longer samples are truncated (counted, never inside a media span)
+    packing: bool = False                 # pack samples into rows of max_seq_len
+    packing_algorithm: str = "first_fit_decreasing"  # or first_fit_shuffle
+    pad_to_max_seq_len: bool = False      # unpacked rows: pad every batch to max_seq_len (fixed shapes)
+    batch_size: int = 8                   # rows per step on each data-parallel rank
+    shuffle: bool = True
+    seed: int = 0
+    num_workers: int = 2                  # DataLoader worker processes (decode images and video)
+    on_bad_sample: str = "error"          # error: stop naming the sample | skip: count, log and go on
+
+    def validate(self) -> "DataConfig":
+        """Raise on a value that cannot work, naming the ``data.`` field and what would."""
+        from neva.data.templates import TEMPLATES  # late: templates import nothing from here
+
+        if self.template not in TEMPLATES:
+            raise ValueError(f"data.template={self.template!r} is not a known template: use one of {sorted(TEMPLATES)}")
+        if self.image_mode not in IMAGE_MODES:
+            raise ValueError(f"data.image_mode={self.image_mode!r}: use one of {IMAGE_MODES}")
+        if self.splice_single_frame not in SPLICE:
+            raise ValueError(f"data.splice_single_frame={self.splice_single_frame!r}: use first, middle, last or null")
+        if self.num_frames == 0 or self.num_frames < -1:
+            raise ValueError(f"data.num_frames={self.num_frames}: use a positive count or -1 (all frames)")
+        if self.packing_algorithm not in PACKING_ALGOS:
+            raise ValueError(f"data.packing_algorithm={self.packing_algorithm!r}: use one of {PACKING_ALGOS}")
+        if self.on_bad_sample not in ON_BAD:
+            raise ValueError(f"data.on_bad_sample={self.on_bad_sample!r}: use error or skip")
+        if self.max_seq_len < 2:
+            raise ValueError(f"data.max_seq_len={self.max_seq_len} must be at least 2")
+        if self.batch_size < 1:
+            raise ValueError(f"data.batch_size={self.batch_size} must be at least 1")
+        if self.num_workers < 0:
+            raise ValueError(f"data.num_workers={self.num_workers} must be >= 0")
+        return self
+
+    @property
+    def frames_per_video(self) -> int:
+        """Media images one <video> becomes (-1: as many as the video has)."""
+        return 1 if self.splice_single_frame else self.num_frames

@@ -1,0 +1,221 @@
+"""Records -> checked, tokenised samples with their pixels; the map-style dataset the loader reads.
+
+``NevaDataset`` reads and validates every record up front (a *scan*: parse, render, tokenise,
+check media files exist) so a bad sample is reported before training starts, with its id, and so
+packing knows every length. Workers re-tokenise (deterministic) and decode the media.
+
+``on_bad_sample``: ``error`` raises ``BadSample`` naming the sample; ``skip`` drops it, counts it in
+``stats`` and logs it. A sample whose media turn out corrupt only when a worker decodes them is
+skipped the same way, by the loader (``Loader.stats``).
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from neva.data import images as imaging
+from neva.data import templates, tokenizers
+from neva.data.config import DataConfig
+from neva.data.records import Record, read
+from neva.data.tokenize import BadSample, Encoded, encode
+from neva.data.video import VideoSource, frame_indices
+
+log = logging.getLogger("neva.data")
+
+
+@dataclass
+class Source:
+    """Where one data file's media live."""
+
+    image_root: Path
+    video: VideoSource | None
+
+
+@dataclass
+class Sample:
+    """What a worker returns for one record: tensors for the collate, or the reason it was skipped."""
+
+    id: str
+    input_ids: torch.Tensor | None = None          # int64[T]
+    labels: torch.Tensor | None = None             # int64[T]
+    pixel_values: torch.Tensor | None = None       # float32[n_media_images, 3, H, W]
+    skipped: str | None = None
+    truncated: int = 0
+
+
+@dataclass
+class ScanStats:
+    records: int = 0
+    skipped: list[str] = field(default_factory=list)
+    truncated: int = 0
+    truncated_tokens: int = 0
+
+    def summary(self) -> str:
+        return (f"{self.records} samples kept, {len(self.skipped)} skipped, {self.truncated} truncated "
+                f"({self.truncated_tokens} tokens cut)")
+
+
+def _paths(spec: str | list[str]) -> list[Path]:
+    items = spec if isinstance(spec, (list, tuple)) else [p for p in str(spec).split(",") if p.strip()]
+    return [Path(p.strip()) for p in items]
+
+
+class NevaDataset(torch.utils.data.Dataset):
+    """``data_path``: one file, a comma-separated list, or a list. Index i -> ``Sample``."""
+
+    def __init__(self, cfg: DataConfig, model_cfg, data_path: str | list[str] | None = None, tok=None,
+                 progress: bool = False):
+        self.cfg = cfg.validate()
+        self.image_token_id = model_cfg.image_token_id
+        self.tokens_per_image = model_cfg.tokens_per_image
+        self.spec = imaging.spec_for(model_cfg.vision, cfg.image_mode)
+        self.tok = tok if tok is not None else tokenizers.load(cfg.tokenizer)
+        self.template = templates.get(cfg.template)
+        templates.check_tokenizer(self.template, self.tok)
+        self.records: list[Record] = []
+        self.sources: list[Source] = []
+        self.source_of: list[int] = []
+        self.frames: list[list[int]] = []      # media images per media tag, per sample
+        lengths = []
+        self.stats = ScanStats()
+        for path in _paths(data_path if data_path is not None else cfg.data_path):
+            self._scan_file(path, lengths, progress)
+        self.lengths = np.asarray(lengths, np.int64)
+        self.stats.records = len(self.records)
+        if self.stats.skipped:
+            log.warning("data scan: %s", self.stats.summary())
+        if not self.records:
+            raise ValueError(f"no usable samples in {cfg.data_path if data_path is None else data_path}")
+
+    # ------------------------------------------------------------------------------------ scan
+    def _bad(self, msg: str) -> None:
+        if self.cfg.on_bad_sample == "error":
+            raise BadSample(msg)
+        self.stats.skipped.append(msg)
+        log.warning("skipping %s", msg)
+
+    def _scan_file(self, path: Path, lengths: list, progress: bool) -> None:
+        recs, skipped = read(path, self.cfg.on_bad_sample)
+        for msg in skipped:
+            self._bad(msg)
+        root = path.parent
+        vroot = Path(self.cfg.video_folder) if self.cfg.video_folder else root
+        src = Source(Path(self.cfg.image_folder) if self.cfg.image_folder else root,
+                     VideoSource(vroot) if any(r.videos for r in recs) else None)
+        self.sources.append(src)
+        it = recs
+        if progress:
+            from tqdm import tqdm
+
+            it = tqdm(recs, desc=f"scan {path.name}", unit="sample", leave=False)
+        for rec in it:
+            try:
+                self._check_media(rec, src)
+                frames = self._frames(rec, src)
+                enc = self._encode(rec, frames)
+            except (BadSample, FileNotFoundError, ValueError) as e:
+                self._bad(str(e) if rec.name in str(e) else f"{rec.name}: {e}")
+                continue
+            if enc.truncated:
+                self.stats.truncated += 1
+                self.stats.truncated_tokens += enc.truncated
+            self.records.append(rec)
+            self.source_of.append(len(self.sources) - 1)
+            self.frames.append(frames)
+            lengths.append(len(enc))
+
+    def _check_media(self, rec: Record, src: Source) -> None:
+        for p in rec.images:
+            if not (src.image_root / p).is_file():
+                raise FileNotFoundError(f"{rec.name}: image file {src.image_root / p} does not exist")
+        for v in rec.videos:
+            if not src.video.exists(v):
+                raise FileNotFoundError(f"{rec.name}: video {src.video.where(v)} does not exist")
+
+    def _frames(self, rec: Record, src: Source) -> list[int]:
+        out, vi = [], 0
+        for tag in rec.media_tags():
+            if tag == "<image>":
+                out.append(1)
+            else:
+                n = self.cfg.frames_per_video
+                if n == -1:
+                    n = len(frame_indices(src.video.n_frames(rec.videos[vi], rec.name), -1))
+                out.append(n)
+                vi += 1
+        return out
+
+    def _encode(self, rec: Record, frames: list[int]) -> Encoded:
+        try:
+            pieces = templates.render(self.template, list(rec.turns), bos=self.tok.bos_token or "",
+                                      eos=self.tok.eos_token or "",
+                                      system=self.cfg.system_prompt if self.cfg.system_prompt is not None else rec.system)
+        except ValueError as e:
+            raise BadSample(f"{rec.name}: {e}") from e
+        return encode(pieces, self.tok, image_token_id=self.image_token_id, tokens_per_image=self.tokens_per_image,
+                      frames=frames, max_seq_len=self.cfg.max_seq_len, name=rec.name)
+
+    # ------------------------------------------------------------------------------------ load
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def encoded(self, i: int) -> Encoded:
+        return self._encode(self.records[i], self.frames[i])
+
+    def media(self, i: int, n_spans: int | None = None) -> torch.Tensor:
+        """float32[N, 3, H, W]: the images and video frames of the first ``n_spans`` media tags."""
+        rec, src = self.records[i], self.sources[self.source_of[i]]
+        tags = rec.media_tags()[:n_spans]
+        out, ii, vi = [], 0, 0
+        for tag in tags:
+            if tag == "<image>":
+                img = imaging.open_image(src.image_root / rec.images[ii], rec.name)
+                out.append(imaging.process(img, self.spec)[None])
+                ii += 1
+            else:
+                fr = src.video.frames(rec.videos[vi], self.cfg.num_frames, self.cfg.splice_single_frame, rec.name)
+                out.append(torch.stack([imaging.process(Image.fromarray(f), self.spec) for f in fr]))
+                vi += 1
+        if not out:
+            return torch.zeros(0, 3, self.spec.size, self.spec.size)
+        return torch.cat(out)
+
+    def __getitem__(self, i: int) -> Sample:
+        rec = self.records[i]
+        try:
+            enc = self.encoded(i)
+            pix = self.media(i, len(enc.spans))
+            want = sum(s.frames for s in enc.spans)
+            if pix.shape[0] != want:
+                raise BadSample(f"{rec.name}: decoded {pix.shape[0]} media images where the tokens hold {want}")
+        except (BadSample, FileNotFoundError, ValueError, OSError) as e:
+            if self.cfg.on_bad_sample == "error":
+                raise
+            return Sample(rec.id, skipped=str(e) if rec.name in str(e) else f"{rec.name}: {e}")
+        return Sample(rec.id, torch.from_numpy(enc.input_ids), torch.from_numpy(enc.labels), pix,
+                      truncated=enc.truncated)
+
+    def prompt(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """For generation: sample i's turns up to (not including) its last gpt reply, rendered with the
+        open assistant prefix -> (input_ids int64[T], pixel_values float32[N, 3, H, W]). The reply it
+        should produce is ``records[i].turns[-1].text`` (``records[i].meta`` has ``answer``/``qtype``)."""
+        rec = self.records[i]
+        turns = list(rec.turns)
+        if turns[-1].role == "assistant":
+            turns = turns[:-1]
+        pieces = templates.render(self.template, turns, bos=self.tok.bos_token or "", eos=self.tok.eos_token or "",
+                                  system=self.cfg.system_prompt if self.cfg.system_prompt is not None else rec.system,
+                                  generation=True)
+        n_media = sum(len(templates.media_tags_in(t.text)) for t in turns)
+        enc = encode(pieces, self.tok, image_token_id=self.image_token_id, tokens_per_image=self.tokens_per_image,
+                     frames=self.frames[i][:n_media], name=rec.name, require_trained=False)
+        return torch.from_numpy(enc.input_ids), self.media(i, n_media)
+
+    def stop_strings(self) -> list[str]:
+        """What ends an assistant reply under this template (the trained end token), for generation."""
+        return [self.template.end(self.tok.eos_token or "")]

@@ -1,0 +1,105 @@
+"""Images -> float[3, H, W] exactly as the encoder's HF image processor makes them (PIL + numpy).
+
+* CLIP (CLIPImageProcessor): resize the shortest edge to ``image_size`` (bicubic; the long edge
+  ``int(size * long / short)``), center crop ``image_size`` x ``image_size``, /255, normalise.
+* SigLIP (SiglipImageProcessor): resize to ``image_size`` x ``image_size`` (bicubic), /255, normalise.
+
+Modes (NeMo's ``image_aspect_ratio``): ``square`` is the processor as is; ``pad`` first expands the
+image to a square filled with the mean colour (LLaVA-1.5's expand2square); ``keep`` resizes the
+shortest edge to ``min(2 * size / aspect, size)`` with no crop, so the result is not square: only an
+encoder that takes any grid can use it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+SIGLIP_MEAN = (0.5, 0.5, 0.5)
+SIGLIP_STD = (0.5, 0.5, 0.5)
+
+
+@dataclass(frozen=True)
+class ImageSpec:
+    kind: str            # clip | siglip
+    size: int            # the encoder's image_size
+    mode: str = "square"  # square | pad | keep
+
+    @property
+    def mean(self) -> tuple[float, ...]:
+        return CLIP_MEAN if self.kind == "clip" else SIGLIP_MEAN
+
+    @property
+    def std(self) -> tuple[float, ...]:
+        return CLIP_STD if self.kind == "clip" else SIGLIP_STD
+
+
+def spec_for(vision_cfg, mode: str = "square") -> ImageSpec:
+    """The image processing a ``VisionConfig`` expects."""
+    if vision_cfg.kind not in ("clip", "siglip"):
+        raise ValueError(f"no image processing is defined for vision kind {vision_cfg.kind!r}")
+    return ImageSpec(vision_cfg.kind, vision_cfg.image_size, mode)
+
+
+def expand_to_square(img: Image.Image, fill: tuple[int, ...]) -> Image.Image:
+    """Pad the short side (centred, as LLaVA does) with ``fill``."""
+    w, h = img.size
+    if w == h:
+        return img
+    side = max(w, h)
+    out = Image.new(img.mode, (side, side), fill)
+    out.paste(img, ((side - w) // 2, (side - h) // 2))
+    return out
+
+
+def _shortest_edge_size(w: int, h: int, short: int) -> tuple[int, int]:
+    """(new_w, new_h) with the short edge ``short`` and the long edge int(short * long / short_in)."""
+    if w <= h:
+        return short, int(short * h / w)
+    return int(short * w / h), short
+
+
+def _center_crop(a_hwc: np.ndarray, size: int) -> np.ndarray:
+    h, w = a_hwc.shape[:2]
+    if h < size or w < size:  # HF zero-pads a too-small image; a resize to >= size never makes one
+        raise ValueError(f"center crop {size} of a {h}x{w} image")
+    top, left = (h - size) // 2, (w - size) // 2
+    return a_hwc[top:top + size, left:left + size]
+
+
+def process(img: Image.Image, spec: ImageSpec) -> torch.Tensor:
+    """A PIL image -> float32[3, H, W] normalised pixels (H = W = size unless mode is keep)."""
+    img = img.convert("RGB")
+    if spec.mode == "pad":
+        img = expand_to_square(img, tuple(int(m * 255) for m in spec.mean))
+    w, h = img.size
+    if spec.mode == "keep":
+        aspect = max(w, h) / min(w, h)
+        short = int(min(2 * spec.size / aspect, spec.size))
+        a = np.asarray(img.resize(_shortest_edge_size(w, h, short), Image.BICUBIC))
+    elif spec.kind == "clip":
+        a = np.asarray(img.resize(_shortest_edge_size(w, h, spec.size), Image.BICUBIC))
+        a = _center_crop(a, spec.size)
+    elif spec.kind == "siglip":
+        a = np.asarray(img.resize((spec.size, spec.size), Image.BICUBIC))
+    else:
+        raise ValueError(f"unknown encoder kind {spec.kind!r}")
+    x = a.astype(np.float32) * np.float32(1 / 255)
+    x = (x - np.asarray(spec.mean, np.float32)) / np.asarray(spec.std, np.float32)
+    return torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1)))
+
+
+def open_image(path, name: str = "") -> Image.Image:
+    """Open and fully decode an image; raise naming the file (and sample) if missing or corrupt."""
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return im.convert("RGB")
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"{name + ': ' if name else ''}image file {path} does not exist") from e
+    except Exception as e:  # noqa: BLE001 - PIL raises many types for a corrupt file
+        raise ValueError(f"{name + ': ' if name else ''}image file {path} cannot be decoded ({e})") from e
