@@ -1,0 +1,118 @@
+"""Print a sample as the model sees it: check a template before spending GPU hours.
+
+    python -m neva.data.inspect DATA --template mistral --tokenizer mixtral [--image-folder DIR] [--index i]
+
+Shows the rendered prompt, then the token stream: trained tokens inside ``⟦ ⟧`` (green on a
+terminal), masked tokens plain, and each media span as ``<image x N>`` (``<video x F frames x N>``).
+``--table`` adds one line per token (position, id, piece, label).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from neva.data import templates, tokenizers
+from neva.data.records import read
+from neva.data.tokenize import encode
+from neva.loss import IGNORE
+
+GREEN, DIM, RESET = "\033[32m", "\033[2m", "\033[0m"
+
+
+def show_sample(rec, enc, tok, *, color: bool = False, table: bool = False) -> str:
+    """The token view of one encoded sample (see the module docstring)."""
+    ids, labels = enc.input_ids.tolist(), enc.labels.tolist()
+    span_at = {s.start: s for s in enc.spans}
+    out, i = [], 0
+    while i < len(ids):
+        if i in span_at:
+            s = span_at[i]
+            n = (s.end - s.start) // s.frames
+            txt = f"<image x {n}>" if s.tag == "<image>" else f"<video x {s.frames} frames x {n}>"
+            out.append(f"{DIM}{txt}{RESET}" if color else txt)
+            i = s.end
+            continue
+        piece = tok.convert_ids_to_tokens(ids[i])   # the vocabulary's own piece: ▁ / Ġ mark a word start
+        if piece is None:
+            piece = f"<id {ids[i]}>"
+        if labels[i] != IGNORE:
+            out.append(f"{GREEN}⟦{piece}⟧{RESET}" if color else f"⟦{piece}⟧")
+        else:
+            out.append(piece)
+        i += 1
+    lines = [" ".join(out)]
+    if table:
+        lines.append(f"{'pos':>5} {'id':>7}  {'label':>7}  piece")
+        for p, (t, l) in enumerate(zip(ids, labels)):
+            piece = "<media>" if any(s.start <= p < s.end for s in enc.spans) else repr(tok.decode([t]))
+            lines.append(f"{p:>5} {t:>7}  {'-' if l == IGNORE else l:>7}  {piece}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except (ValueError, FileNotFoundError) as e:   # BadSample is a ValueError: it names the sample
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def _main(argv: list[str] | None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m neva.data.inspect", description=__doc__.split("\n")[0])
+    ap.add_argument("data", help="LLaVA .json or .jsonl")
+    ap.add_argument("--template", required=True, help=f"one of {sorted(templates.TEMPLATES)}")
+    ap.add_argument("--tokenizer", default="mixtral", help="mixtral | llama3 | a local HF tokenizer folder")
+    ap.add_argument("--image-folder", default=None, help="image paths are relative to this (default: DATA's folder)")
+    ap.add_argument("--video-folder", default=None, help="a folder or .tar of videos (needed for --num-frames -1)")
+    ap.add_argument("--index", type=int, default=0, help="which record (0-based)")
+    ap.add_argument("--tokens-per-image", type=int, default=16, help="media tokens per image (the model's)")
+    ap.add_argument("--image-token-id", type=int, default=None, help="default: len(tokenizer)")
+    ap.add_argument("--num-frames", type=int, default=4)
+    ap.add_argument("--splice-single-frame", default=None, choices=["first", "middle", "last"])
+    ap.add_argument("--max-seq-len", type=int, default=None)
+    ap.add_argument("--system-prompt", default=None)
+    ap.add_argument("--table", action="store_true", help="also one line per token")
+    a = ap.parse_args(argv)
+
+    tok = tokenizers.load(a.tokenizer)
+    t = templates.get(a.template)
+    templates.check_tokenizer(t, tok)
+    recs, _ = read(a.data, "error")
+    if not 0 <= a.index < len(recs):
+        ap.error(f"--index {a.index} is outside the {len(recs)} records of {a.data}")
+    rec = recs[a.index]
+    image_root = Path(a.image_folder) if a.image_folder else Path(a.data).parent
+    missing = [p for p in rec.images if not (image_root / p).is_file()]
+    frames, vi = [], 0
+    for tag in rec.media_tags():
+        if tag == "<image>":
+            frames.append(1)
+            continue
+        n = 1 if a.splice_single_frame else a.num_frames
+        if n == -1:
+            from neva.data.video import VideoSource
+
+            n = VideoSource(a.video_folder or Path(a.data).parent).n_frames(rec.videos[vi], rec.name)
+        frames.append(n)
+        vi += 1
+    pieces = templates.render(t, list(rec.turns), bos=tok.bos_token or "", eos=tok.eos_token or "",
+                              system=a.system_prompt if a.system_prompt is not None else rec.system)
+    image_token_id = a.image_token_id if a.image_token_id is not None else len(tok)
+    enc = encode(pieces, tok, image_token_id=image_token_id, tokens_per_image=a.tokens_per_image, frames=frames,
+                 max_seq_len=a.max_seq_len, name=rec.name)
+    color = sys.stdout.isatty()
+    print(f"{rec.name}: template={t.name} tokenizer={a.tokenizer} tokens={len(enc)} trained={enc.n_trained} "
+          f"media={len(enc.spans)} image_token_id={image_token_id}"
+          + (f" truncated={enc.truncated}" if enc.truncated else ""))
+    if missing:
+        print(f"warning: image files not found under {image_root}: {missing}")
+    print("--- rendered prompt (trained text in ⟦ ⟧)")
+    print("".join(f"⟦{p.text}⟧" if p.trained else p.text for p in pieces))
+    print("--- tokens (trained ⟦ ⟧, media as <image x N>)")
+    print(show_sample(rec, enc, tok, color=color, table=a.table))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
