@@ -80,6 +80,22 @@ def test_schedule_warmup_then_cosine():
     assert optim.lr_at(110, opt) == pytest.approx(0.1) and optim.lr_at(500, opt) == pytest.approx(0.1)
 
 
+def test_fused_kernel_equals_op_by_op(monkeypatch):
+    torch.manual_seed(0)
+    w0 = {"a": torch.randn(5, 3), "b": {"c": torch.randn(7)}}
+    opt = optim.AdamW(lr=0.1, weight_decay=0.3, clip=0.5, groups=(optim.Group("^b/", lr_mult=0.5, wd=0.0),))
+    out = []
+    for fused in (True, False):
+        monkeypatch.setattr(optim, "FUSED", fused)
+        w = {"a": w0["a"].clone(), "b": {"c": w0["b"]["c"].clone()}}
+        st = optim.init_state(w, opt)
+        for i in range(3):
+            g = {"a": torch.full((5, 3), 0.3 * (i + 1)), "b/c": torch.linspace(-1, 1, 7)}
+            optim.update(w, g, st, opt)
+        out.append(flatten(w))
+    assert max_diff(out[0], out[1]) < 1e-6 and max_diff(out[0], flatten(w0)) > 1e-2
+
+
 def test_clipping_by_global_norm():
     w = {"a": torch.zeros(4)}
     opt = optim.AdamW(lr=1.0, clip=1.0, betas=(0.9, 0.95))

@@ -23,6 +23,8 @@ from torch import Tensor
 
 from neva.params import Tree, flatten
 
+FUSED = hasattr(torch, "_fused_adamw_")   # PyTorch's fused AdamW kernel (CPU and CUDA)
+
 
 @dataclass(frozen=True)
 class Group:
@@ -125,24 +127,36 @@ def update(params: Tree, grads: dict[str, Tensor], state: dict, opt: AdamW,
     if norm is None:
         norm = global_norm(grads)
     scale = min(1.0, opt.clip / (float(norm) + 1e-6)) if opt.clip else 1.0
-    b1, b2 = opt.betas
-    c1, c2 = 1 - b1 ** (step + 1), 1 - b2 ** (step + 1)
     masters = state.get("master")
-    for p, m in state["m"].items():
-        g = grads[p].float()
-        if scale != 1.0:
-            g = g * scale
+    by_group: dict[tuple[float, float], list[str]] = {}
+    for p in state["m"]:
         grp = group_of(p, opt.groups)
-        glr = lr * grp.lr_mult
-        wd = opt.weight_decay if grp.wd is None else grp.wd
-        v = state["v"][p]
-        m.lerp_(g, 1 - b1)
-        v.mul_(b2).addcmul_(g, g, value=1 - b2)
-        w = masters[p] if masters is not None else flat[p]
-        if wd:
-            w.mul_(1 - glr * wd)                              # decoupled: not through the moments
-        w.addcdiv_(m / c1, (v / c2).sqrt_().add_(opt.eps), value=-glr)
+        by_group.setdefault((lr * grp.lr_mult, opt.weight_decay if grp.wd is None else grp.wd), []).append(p)
+    for (glr, wd), paths in by_group.items():
+        ws = [masters[p] if masters is not None else flat[p] for p in paths]
+        gs = [grads[p].float() * scale if scale != 1.0 else grads[p].float() for p in paths]
+        _adamw(ws, gs, [state["m"][p] for p in paths], [state["v"][p] for p in paths], step, glr, wd, opt)
         if masters is not None:
-            flat[p].copy_(w)                                  # low-precision copy for compute
+            for p, w in zip(paths, ws):
+                flat[p].copy_(w)                              # low-precision copy for compute
     state["step"] = step + 1
     return lr
+
+
+def _adamw(ws: list[Tensor], gs: list[Tensor], ms: list[Tensor], vs: list[Tensor], step: int, lr: float, wd: float,
+           opt: AdamW) -> None:
+    """AdamW on lists of fp32 tensors, in place. PyTorch's fused kernel when it has one (several
+    times faster on CPU than per-op updates), else the same math op by op."""
+    b1, b2 = opt.betas
+    if FUSED and all(w.dtype == torch.float32 for w in ws):
+        steps = [torch.tensor(float(step + 1)) for _ in ws]   # the kernel reads the step count after it
+        torch._fused_adamw_(ws, gs, ms, vs, [], steps, lr=lr, beta1=b1, beta2=b2, weight_decay=wd,
+                            eps=opt.eps, amsgrad=False, maximize=False)
+        return
+    c1, c2 = 1 - b1 ** (step + 1), 1 - b2 ** (step + 1)
+    for w, g, m, v in zip(ws, gs, ms, vs):
+        m.lerp_(g, 1 - b1)
+        v.mul_(b2).addcmul_(g, g, value=1 - b2)
+        if wd:
+            w.mul_(1 - lr * wd)                               # decoupled: not through the moments
+        w.addcdiv_(m / c1, (v / c2).sqrt_().add_(opt.eps), value=-lr)
