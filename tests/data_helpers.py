@@ -20,7 +20,7 @@ def synth_dir() -> Path:
     return out
 
 
-def tiny_model(kind: str = "llama", vision: str = "siglip", **llm_kw) -> ModelConfig:
+def tiny_model(kind: str = "llama2", vision: str = "siglip", **llm_kw) -> ModelConfig:
     """A tiny NeVA whose vocab holds the Mixtral tokenizer's 32000 ids plus the image token 32000."""
     return ModelConfig(vision=tiny_vision(vision), llm=tiny_llm(kind, vocab_size=32064, **llm_kw), image_token_id=32000)
 
