@@ -87,8 +87,8 @@ class NevaDataset(torch.utils.data.Dataset):
             self._scan_file(path, lengths, progress)
         self.lengths = np.asarray(lengths, np.int64)
         self.stats.records = len(self.records)
-        if self.stats.skipped:
-            log.warning("data scan: %s", self.stats.summary())
+        if self.stats.skipped or self.stats.truncated:
+            log.warning("data scan: %s (max_seq_len=%d)", self.stats.summary(), cfg.max_seq_len)
         if not self.records:
             raise ValueError(f"no usable samples in {cfg.data_path if data_path is None else data_path}")
 
