@@ -116,9 +116,11 @@ def test_media_that_fail_to_decode(folder, media, message, caplog):
     assert any("skipped sample 'm'" in r.message for r in caplog.records)
 
 
-def test_a_good_video_sample_loads(folder):
+@pytest.mark.parametrize("num_frames,splice,frames", [(3, None, 3), (8, None, 8), (-1, None, 5), (4, "last", 1)])
+def test_a_video_sample_has_its_frames_times_tokens_per_image(folder, num_frames, splice, frames):
+    """The 5-frame clip: linspace, padded to 8 by repeating, all frames (-1), or one spliced frame."""
     v = {"id": "v", "video": "v.mp4", "conversations": [{"from": "human", "value": "<video>\nq"},
                                                         {"from": "gpt", "value": "a"}]}
-    ds = dataset(write(folder, [v]), num_frames=3)
+    ds = dataset(write(folder, [v]), num_frames=num_frames, splice_single_frame=splice)
     s = ds[0]
-    assert s.pixel_values.shape == (3, 3, 32, 32) and int((s.input_ids == 32000).sum()) == 3 * 16
+    assert s.pixel_values.shape == (frames, 3, 32, 32) and int((s.input_ids == 32000).sum()) == frames * 16
