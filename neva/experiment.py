@@ -49,6 +49,11 @@ class TrainConfig:
     freeze: str = ""                # regex: leaves that never train (e.g. "^(vision|llm)/")
     lr_mults: str = ""              # "regex=mult,regex=mult": per-group lr multipliers, first match wins
     groups: tuple = ()              # full optim.Group rules (Python only); come before freeze/lr_mults
+    pretrain_steps: int = 0         # stage 1 steps before the main stage (0 = no stage 1)
+    pretrain_data: str = ""         # stage 1 LLaVA file(s), e.g. captions (default: data.data_path)
+    pretrain_template: str = "plain"  # stage 1 template (LLaVA's projector pretraining uses plain)
+    pretrain_lr: float = 0.0        # stage 1 lr (0 = train.lr)
+    pretrain_freeze: str = ""       # stage 1 frozen leaves (LLaVA: "^(vision|llm)/", the projector trains)
     lora: str = ""                  # "" = off; a preset (attn, mlp, all) or a regex over weight paths
     lora_rank: int = 8
     lora_alpha: float = 16.0
@@ -246,6 +251,13 @@ def validate(exp: Experiment, world_size: int = 1) -> Experiment:
     elif rows is not None and rows % t.grad_accum:
         errs.append(f"train.grad_accum={t.grad_accum} must divide data.batch_size={rows} (rows per step "
                     "on each data-parallel rank)")
+    if t.pretrain_steps < 0 or t.pretrain_lr < 0:
+        errs.append("train.pretrain_steps and train.pretrain_lr must be >= 0")
+    if t.pretrain_freeze:
+        try:
+            re.compile(t.pretrain_freeze)
+        except re.error as ex:
+            errs.append(f"train.pretrain_freeze={t.pretrain_freeze!r} is not a regex: {ex}")
     if t.lora and t.lora_rank < 1:
         errs.append(f"train.lora_rank={t.lora_rank} must be >= 1")
     if e.every < 0 or c.every < 0 or c.keep_last < 0 or e.max_samples < 0 or e.batch_size < 1:

@@ -161,8 +161,9 @@ def train(exp: Experiment, params: Tree, batches: Iterator[dict], *, dist: Dist 
             if exp.checkpoint.every and step % exp.checkpoint.every == 0 and step < steps:
                 save(step)
                 last_saved = step
-        save(step)
-        last_saved = step
+        if step != last_saved:
+            save(step)
+            last_saved = step
     except (NonFiniteLoss, KeyboardInterrupt):
         if step != last_saved:
             save(step)

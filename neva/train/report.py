@@ -1,0 +1,154 @@
+"""What an experiment shows its user: held-out evaluation by modality, the loss-curve PNG, a summary,
+and the small model-surgery step real-weight recipes need (an image token appended to the vocabulary).
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from neva.config import ModelConfig
+from neva.params import count
+from neva.train import qa_eval
+
+
+def describe_model(cfg: ModelConfig, params: dict) -> str:
+    v, l = cfg.vision, cfg.llm
+    moe = f", {l.n_experts} experts top-{l.top_k}" if l.n_experts else ""
+    return (f"{v.kind} {v.n_layers}x{v.dim} ({v.image_size}px / {v.patch_size}px patches = {cfg.tokens_per_image} "
+            f"tokens) -> {cfg.projector.kind} -> {l.kind} {l.n_layers}x{l.dim}{moe}, vocab {l.vocab_size}; "
+            f"{count(params) / 1e6:.2f}M parameters ({count(params['llm']['embed']) / 1e6:.2f}M in the embedding)")
+
+
+@torch.no_grad()
+def add_image_token(cfg: ModelConfig, params: dict, multiple: int = 64) -> tuple[ModelConfig, dict]:
+    """Append an ``<image>`` placeholder id to a pretrained vocabulary (rounded up to ``multiple`` rows;
+    new rows start at the mean embedding, as HF's resize does) so no text token is taken over."""
+    V = cfg.llm.vocab_size
+    newV = -(-(V + 1) // multiple) * multiple
+    llm = dict(params["llm"])
+
+    def grow(w: torch.Tensor) -> torch.Tensor:
+        return torch.cat([w, w.mean(0, keepdim=True).expand(newV - V, -1)], 0)
+
+    llm["embed"] = {"w": grow(llm["embed"]["w"])}
+    if "lm_head" in llm:
+        llm["lm_head"] = {"w": grow(llm["lm_head"]["w"])}
+    cfg = replace(cfg, llm=replace(cfg.llm, vocab_size=newV), image_token_id=V)
+    return cfg, dict(params, llm=llm)
+
+
+def eval_sets(exp, cfg: ModelConfig, tok) -> dict:
+    """modality ("image" | "video") -> held-out NevaDataset, one per file of ``data.eval_path``."""
+    from neva.data import NevaDataset
+
+    out: dict = {}
+    for path in filter(None, (p.strip() for p in (exp.data.eval_path or "").split(","))):
+        ds = NevaDataset(exp.data, cfg, data_path=path, tok=tok)
+        kind = "video" if any(r.videos for r in ds.records) else "image"
+        if kind in out:
+            raise ValueError(f"data.eval_path lists two {kind} files; give one file per modality")
+        out[kind] = ds
+    return out
+
+
+def eval_rows(params: dict, cfg: ModelConfig, sets: dict, priors: dict, exp, limit: int) -> dict:
+    """Accuracy on the first ``limit`` questions of each set, for a metrics row during training."""
+    row = {}
+    for kind, ds in sets.items():
+        res = qa_eval.answer_all(params, cfg, ds, batch_size=exp.eval.batch_size,
+                                 max_new_tokens=exp.eval.max_new_tokens, limit=limit)
+        sc = qa_eval.score(res, priors)
+        row[f"eval/{kind}_acc"] = sc["overall"]["accuracy"]
+        for qt, b in sc["per_type"].items():
+            row[f"eval/{kind}_{qt}_acc"] = b["accuracy"]
+    return row
+
+
+def final_eval(params: dict, cfg: ModelConfig, sets: dict, priors: dict, exp) -> dict:
+    """Every held-out question: metrics.json's body, samples.jsonl, and a few answers printed."""
+    run_dir = Path(exp.run.dir)
+    out: dict = {"priors": priors}
+    samples = []
+    for kind, ds in sets.items():
+        res = qa_eval.answer_all(params, cfg, ds, batch_size=exp.eval.batch_size,
+                                 max_new_tokens=exp.eval.max_new_tokens, limit=exp.eval.max_samples,
+                                 progress=exp.run.progress)
+        out[kind] = qa_eval.score(res, priors)
+        samples += [dict(r, modality=kind) for r in res]
+        shown = _spread(res, exp.eval.show)
+        if shown:
+            print(f"held-out {kind} questions:")
+            for r in shown:
+                mark = "ok " if r["correct"] else "NO "
+                print(f"  {mark} [{r['qtype']}] {r['question']}  -> {r['pred']!r} (answer {r['answer']!r})")
+    (run_dir / "samples.jsonl").write_text("".join(json.dumps(s) + "\n" for s in samples))
+    return out
+
+
+def _spread(res: list[dict], n: int) -> list[dict]:
+    """Up to ``n`` results, one per question type in turn."""
+    by: dict[str, list] = {}
+    for r in res:
+        by.setdefault(r["qtype"], []).append(r)
+    out, i = [], 0
+    while len(out) < n and any(i < len(v) for v in by.values()):
+        out += [v[i] for v in by.values() if i < len(v)][: n - len(out)]
+        i += 1
+    return out
+
+
+def plot(run_dir: str | Path) -> Path | None:
+    """loss_curve.png: training loss per step (and held-out accuracy when it was measured)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from neva.train.loop import read_metrics
+
+    rows = read_metrics(run_dir)
+    if not rows:
+        return None
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    steps = [r["step"] for r in rows]
+    ax.plot(steps, [r["loss"] for r in rows], lw=0.8, alpha=0.4, label="loss")
+    k = 20
+    if len(rows) > k:
+        sm = [sum(r["loss"] for r in rows[max(0, i - k + 1):i + 1]) / len(rows[max(0, i - k + 1):i + 1])
+              for i in range(len(rows))]
+        ax.plot(steps, sm, lw=1.6, label=f"loss (mean of {k})")
+    pre = [r["step"] for r in rows if any(key.startswith("pretrain/") for key in r)]
+    if pre:
+        ax.axvline(max(pre) + 0.5, color="grey", ls="--", lw=0.8)
+        ax.text(max(pre), ax.get_ylim()[1] * 0.95, " captions | questions", fontsize=8, va="top", ha="center")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_yscale("log")
+    acc = [(r["step"], r["eval/image_acc"]) for r in rows if "eval/image_acc" in r]
+    if acc:
+        ax2 = ax.twinx()
+        ax2.plot(*zip(*acc), "o-", color="tab:green", label="held-out image accuracy")
+        ax2.set_ylim(0, 1)
+        ax2.set_ylabel("accuracy")
+        ax2.legend(loc="upper center")
+    ax.legend(loc="upper right")
+    ax.set_title(Path(run_dir).name)
+    path = Path(run_dir) / "loss_curve.png"
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def print_summary(m: dict, run_dir: str | Path) -> None:
+    print(f"\nheld-out exact-match accuracy (prior = always the most common training answer of the type):")
+    for kind in ("image", "video"):
+        if kind not in m:
+            continue
+        o = m[kind]["overall"]
+        print(f"  {kind:5s} overall  {o['accuracy']:.3f}  (prior {o['prior']:.3f}, n={o['n']})")
+        for qt, b in m[kind]["per_type"].items():
+            print(f"        {qt:9s} {b['accuracy']:.3f}  (prior {b['prior']:.3f}, n={b['n']})")
+    print(f"done in {m['wall_seconds']:.0f}s; outputs in {run_dir}/ (metrics.json, metrics.jsonl, loss_curve.png, "
+          f"tb/, checkpoints/, hf/, samples.jsonl)")

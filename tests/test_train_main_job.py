@@ -1,0 +1,101 @@
+"""The main job end to end on a small dataset and a shrunk model: every output it promises, resume,
+and the two-stage ``--recipe llava`` from HF folders made with transformers' own classes."""
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
+import siglip_mixtral as job  # noqa: E402
+
+from neva.data import synthetic  # noqa: E402
+from neva.train import checkpoint as ckpt  # noqa: E402
+
+SMALL = ["model.llm.dim=32", "model.llm.n_layers=2", "model.llm.ffn_dim=32", "model.llm.n_experts=4",
+         "model.vision.dim=32", "model.vision.mlp_dim=64", "model.vision.n_layers=1", "data.batch_size=4",
+         "data.num_workers=0", "eval.batch_size=16", "eval.max_new_tokens=4", "run.progress=false",
+         "train.warmup=1"]
+
+
+@pytest.fixture()
+def workdir(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    synthetic.generate(Path(job.DATA), train_images=40, eval_images=3, train_videos=8, eval_videos=4)
+    return tmp_path
+
+
+def test_main_job_writes_every_output_and_resumes(workdir, capsys):
+    args = SMALL + ["train.steps=4", "train.pretrain_steps=2", "checkpoint.every=2", "eval.every=2",
+                    "eval.max_samples=6", "run.dir=runs/t"]
+    m = job.main(args)
+    run = workdir / "runs/t"
+    for kind, types in (("image", {"colour", "shape", "count", "position", "yesno"}), ("video", {"motion"})):
+        assert set(m[kind]["per_type"]) == types
+        for block in [m[kind]["overall"], *m[kind]["per_type"].values()]:
+            assert set(block) == {"accuracy", "prior", "n"} and 0 <= block["prior"] <= 1
+    assert json.loads((run / "metrics.json").read_text())["image"] == m["image"]
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6] and all("loss" in r for r in rows)
+    assert "pretrain/lr" in rows[0] and "lr" in rows[3] and "eval/image_acc" in rows[3]
+    assert {"aux", "grad_norm", "tokens_per_s", "lr"} <= set(rows[-1])
+    assert (run / "loss_curve.png").stat().st_size > 1000 and any((run / "tb").iterdir())
+    assert json.loads((run / "config.json").read_text())["train"]["steps"] == 4
+    assert ckpt.latest(run / "checkpoints").name == "step_00000004"
+    out = capsys.readouterr().out
+    assert "held-out image questions:" in out and "prior" in out
+    from transformers import LlavaForConditionalGeneration
+    hf = LlavaForConditionalGeneration.from_pretrained(str(run / "hf"))
+    assert hf.config.text_config.num_local_experts == 4
+    # same command again: resumes at the end, trains nothing, evaluates the same model
+    m2 = job.main(args)
+    assert m2["image"] == m["image"]
+    assert "resumed from" in capsys.readouterr().out
+
+
+def test_bad_overrides_fail_before_anything_runs(workdir):
+    with pytest.raises(job.X.ConfigError, match="did you mean 'train.steps'"):
+        job.main(["train.step=3"])
+    with pytest.raises(job.X.ConfigError, match="must divide data.batch_size"):
+        job.main(["train.grad_accum=5"])
+
+
+def _tiny_hf_parts(root: Path):
+    from transformers import MixtralConfig, MixtralForCausalLM, SiglipVisionConfig, SiglipVisionModel
+
+    from neva.data import tokenizers
+    torch.manual_seed(0)
+    SiglipVisionModel(SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=4, image_size=32, patch_size=8)).save_pretrained(root / "siglip")
+    MixtralForCausalLM(MixtralConfig(vocab_size=32000, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                     num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
+                                     num_experts_per_tok=2, max_position_embeddings=512,
+                                     tie_word_embeddings=False)).save_pretrained(root / "mixtral")
+    tokenizers.load("mixtral").save_pretrained(root / "mixtral")
+
+
+def test_llava_recipe_from_hf_folders(workdir):
+    _tiny_hf_parts(workdir)
+    args = [a for a in SMALL if not a.startswith(("model.llm", "model.vision"))] + [
+        "--recipe", "llava", f"model.vision.from_pretrained={workdir / 'siglip'}",
+        f"model.llm.from_pretrained={workdir / 'mixtral'}", "model.vision.select_layer=-1", "train.steps=2",
+        "train.pretrain_steps=2", "eval.max_samples=3", "run.dir=runs/llava"]
+    m = job.main(args)
+    assert m["recipe"] == "llava" and m["image"]["overall"]["n"] == 3
+    from safetensors.torch import load_file
+    from neva import hf
+    cfg, p = hf.load(str(workdir / "runs/llava/hf"))
+    assert cfg.llm.vocab_size == 32064 and cfg.image_token_id == 32000        # the image token was appended
+    vis = load_file(str(workdir / "siglip/model.safetensors"))
+    w = next(v for k, v in vis.items() if k.endswith("encoder.layers.0.self_attn.q_proj.weight"))
+    assert torch.equal(p["vision"]["layers"]["0"]["attn"]["wq"]["w"], w)     # frozen in both stages
+    lm = load_file(str(workdir / "mixtral/model.safetensors"))
+    assert not torch.equal(p["llm"]["layers"]["0"]["attn"]["wq"]["w"], lm["model.layers.0.self_attn.q_proj.weight"])
+    rows = [json.loads(line) for line in (workdir / "runs/llava/metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+
+
+def test_llava_recipe_needs_both_folders(workdir):
+    with pytest.raises(job.X.ConfigError, match="needs model.vision.from_pretrained"):
+        job.main(["--recipe", "llava", "model.vision.from_pretrained=/x"])
