@@ -137,8 +137,8 @@ class ModelConfig:
             raise ValueError(f"model.vision.kind={v.kind!r}: use one of {VISION_KINDS}")
         if l.kind not in LLM_KINDS:
             raise ValueError(f"model.llm.kind={l.kind!r}: use one of {LLM_KINDS}")
-        if v.image_size % v.patch_size:
-            raise ValueError(f"model.vision.image_size={v.image_size} must be a multiple of patch_size={v.patch_size}")
+        if v.image_size < v.patch_size:
+            raise ValueError(f"model.vision.image_size={v.image_size} is smaller than patch_size={v.patch_size}")
         if v.dim % v.n_heads:
             raise ValueError(f"model.vision.dim={v.dim} does not divide into n_heads={v.n_heads}")
         if not -v.n_layers - 1 <= v.select_layer <= v.n_layers:

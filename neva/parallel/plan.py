@@ -292,7 +292,16 @@ class Plan:
         return "\n".join(lines)
 
     def describe(self, cfg: ModelConfig, specs: dict) -> str:
-        """One line per leaf: path, shape, logical axes, placement, stage (the golden-file format)."""
+        """The golden-file format: the layout, the stages, then one line per leaf (layers collapsed
+        to ``layers/*`` when every layer is placed alike): path, shape, logical axes -> placement."""
         pl, flat = self.placements(specs), flatten(specs)
-        return "\n".join(f"{p} {tuple(flat[p].shape)} {flat[p].axes} -> {pl[p]} stage {self.stage_of(p, cfg)}"
-                         for p in flat) + "\n"
+        lines = [f"layout {self.layout}", "stages " + " ".join(f"{r.start}-{r.stop - 1}" for r in self.stages(cfg)),
+                 "replicated " + (",".join(sorted(self.replicated_parts(specs))) or "-")]
+        seen: dict[str, str] = {}
+        for p in flat:
+            key = re.sub(r"layers/\d+/", "layers/*/", p)
+            line = f"{key} {tuple(flat[p].shape)} {flat[p].axes} -> {pl[p]}"
+            if seen.setdefault(key, line) != line:
+                line = f"{p} {tuple(flat[p].shape)} {flat[p].axes} -> {pl[p]}"  # a layer placed differently
+                seen[p] = line
+        return "\n".join(lines + list(dict.fromkeys(seen.values()))) + "\n"

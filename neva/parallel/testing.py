@@ -242,3 +242,67 @@ def sharded_step(world: World, params: dict, cfg: ModelConfig, batch: dict,
         aux = all_reduce_nograd(aux, dist.tp)
     aux = all_reduce_nograd(aux, dist.data) / n_data
     return float(world.value(ce)), float(world.value(aux)), world.gather(grads, specs)
+
+
+def pipeline_step(world: World, params: dict, cfg: ModelConfig, batch: dict, n_micro: int = 2,
+                  schedule: str = "1f1b") -> tuple[float, float, dict]:
+    """The step under a plan with pipeline stages (real worlds): each data rank splits its rows into
+    ``n_micro`` micro-batches; matches ``reference_step(..., n_shards = data ranks x n_micro)``."""
+    from neva import model
+    from neva.parallel import pipeline
+    from neva.parallel.comm import all_reduce_nograd
+    from neva.parallel.grads import sync_grads
+
+    specs = model.specs(cfg)
+    plan, dist = world.plan, world.dist
+    plan.validate(cfg, specs)
+    lay = plan.layout
+    n_data = lay.dp * lay.ep
+    coords = lay.coords(world.rank)
+    d = coords["dp"] * lay.ep + coords["ep"]
+    local = plan.shard(params, specs, cfg, world.rank)
+    mbs = [split_batch(batch, cfg, n_data * n_micro, d * n_micro + m) for m in range(n_micro)]
+    grads, stats = pipeline.compute_grads(local, cfg, mbs, dist, plan.stages(cfg)[coords["pp"]],
+                                          trainable=list(flatten(local)), n_total=label_count(batch),
+                                          n_micro_total=n_data * n_micro, schedule=schedule)
+    grads = sync_grads(unflatten(grads), plan.placements(specs), dist)
+    stats = all_reduce_nograd(stats, dist.pp)
+    if dist.sp:
+        stats[1:3] = all_reduce_nograd(stats[1:3], dist.tp)
+    stats = all_reduce_nograd(stats, dist.data)
+    return float(stats[0]), float(stats[1]), world.gather(grads, specs)
+
+
+def max_rel_err(a: dict, b: dict) -> float:
+    """Largest |a - b| / max|a| over the leaves of two trees, each leaf's scale floored at 1e-4 of
+    the whole tree's (a leaf whose gradient is ~0 at init, e.g. q/k with near-uniform attention,
+    otherwise compares fp32 rounding noise with itself)."""
+    fa, fb = flatten(a), flatten(b)
+    if fa.keys() != fb.keys():
+        raise KeyError(f"trees differ: {sorted(set(fa) ^ set(fb))[:5]}")
+    floor = max(float(t.abs().max()) for t in fa.values()) * 1e-4 + 1e-12
+    return max(float((fa[k] - fb[k]).abs().max()) / max(float(fa[k].abs().max()), floor) for k in fa)
+
+
+_WORLDS: dict = {}
+
+
+def pool_check(rank: int, plan: Plan, cfg: ModelConfig, params: dict, batch: dict, kind: str = "step",
+               n_micro: int = 2, schedule: str = "1f1b") -> dict | None:
+    """A pool job: run the sharded step and compare with the single-process reference on rank 0.
+    -> on rank 0 {"ce", "ce_ref", "aux", "aux_ref", "grad_err"}; None elsewhere."""
+    from neva import model
+    if plan.layout not in _WORLDS:  # building a mesh creates process groups: once per layout
+        _WORLDS[plan.layout] = pool_world(rank, plan, {})
+    base = _WORLDS[plan.layout]
+    world = World(plan, replace(base.dist, replicate=plan.replicated_parts(model.specs(cfg))), None, rank)
+    if kind == "pipeline":
+        ce, aux, grads = pipeline_step(world, params, cfg, batch, n_micro, schedule)
+        n_shards = plan.layout.dp * plan.layout.ep * n_micro
+    else:
+        ce, aux, grads = sharded_step(world, params, cfg, batch, use_func=(kind == "func"))
+        n_shards = plan.layout.dp * plan.layout.ep
+    if rank != 0:
+        return None
+    ce_ref, aux_ref, g_ref = reference_step(params, cfg, batch, n_shards)
+    return {"ce": ce, "ce_ref": ce_ref, "aux": aux, "aux_ref": aux_ref, "grad_err": max_rel_err(g_ref, grads)}

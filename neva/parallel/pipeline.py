@@ -1,0 +1,135 @@
+"""Pipeline parallelism: GPipe and 1F1B schedules over micro-batches, on plain autograd.
+
+Stage 0 holds the vision encoder, the projector and the embedding; every stage a contiguous range of
+LLM layers (``Plan.stages``); the last the final norm, the LM head and the loss. Activations go
+forward and their gradients backward by point-to-point messages within the ``pp`` group; sends
+are non-blocking and receives blocking, which makes both schedules deadlock-free.
+
+  GPipe: all forwards, then all backwards (activation memory grows with the micro-batch count).
+  1F1B:  stage s runs pp - s - 1 warm-up forwards, then alternates one forward and one backward,
+         then drains; at most pp - s micro-batches are in flight (Megatron's non-interleaved 1F1B).
+
+Every rank of a stage gets the same micro-batches (it needs their shapes, masks and positions);
+only stage 0 reads the pixels. Loss normalisation is ``model.combine``'s: CE by the step's global
+label count, MoE losses by the step's global micro-batch count, each stage adding its own layers'.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.distributed as tdist
+from torch import Tensor
+
+from neva import llm, model
+from neva.config import ModelConfig
+from neva.params import flatten, unflatten
+from neva.parallel import comm
+from neva.parallel.comm import Dist
+
+SCHEDULES = ("1f1b", "gpipe")
+
+
+def schedule_order(kind: str, n_micro: int, stage: int, n_stages: int) -> list[tuple[str, int]]:
+    """[("F"|"B", micro-batch), ...] this stage runs, in order."""
+    if kind == "gpipe":
+        return [("F", m) for m in range(n_micro)] + [("B", m) for m in range(n_micro)]
+    if kind != "1f1b":
+        raise ValueError(f"pipeline schedule {kind!r}: use one of {SCHEDULES}")
+    warm = min(n_stages - stage - 1, n_micro)
+    order = [("F", m) for m in range(warm)]
+    for i in range(n_micro - warm):
+        order += [("F", warm + i), ("B", i)]
+    return order + [("B", m) for m in range(n_micro - warm, n_micro)]
+
+
+class _P2P:
+    """Point-to-point with the neighbouring stages of this rank's pipeline."""
+
+    def __init__(self, dist: Dist):
+        self.dist, self.pending = dist, []
+        pp, r = dist.pp, dist.pp_rank
+        self.prev = tdist.get_global_rank(pp, r - 1) if r > 0 else None
+        self.next = tdist.get_global_rank(pp, r + 1) if r < dist.pp_size - 1 else None
+
+    def send(self, t: Tensor, to: int) -> None:
+        t = t.detach().contiguous()
+        self.pending.append((tdist.isend(t, dst=to, group=self.dist.pp), t))
+
+    def recv(self, shape: tuple, dtype: torch.dtype, frm: int) -> Tensor:
+        buf = torch.empty(shape, dtype=dtype)
+        tdist.recv(buf, src=frm, group=self.dist.pp)
+        return buf
+
+    def finish(self) -> None:
+        for work, _ in self.pending:
+            work.wait()
+        self.pending.clear()
+
+
+def compute_grads(params: dict, cfg: ModelConfig, micro_batches: list[dict], dist: Dist, stage_ids: range, *,
+                  trainable: list[str], n_total: float, n_micro_total: int, schedule: str = "1f1b",
+                  autocast: Callable | None = None, layer_kw: dict | None = None, loss_scale: float = 1.0,
+                  prepare: Callable | None = None) -> tuple[dict[str, Tensor], Tensor]:
+    """This stage's gradients (path -> fp32 tensor, for its ``trainable`` local leaves, not yet
+    synchronised over data ranks) and its share of the statistics ``[ce, aux, z, loss]`` (sum them
+    over the pp group). ``n_total``: the step's label count over all micro-batches and data ranks;
+    ``n_micro_total``: micro-batches x data ranks."""
+    s, S = dist.pp_rank, dist.pp_size
+    first, last = s == 0, s == S - 1
+    flat = flatten(params)
+    tr = {p: flat[p].detach().requires_grad_() for p in trainable}
+    frozen = {p: v for p, v in flat.items() if p not in tr}
+    dtype = next(v for p, v in flat.items() if p.startswith("llm/layers/")).dtype
+    p2p = _P2P(dist)
+    ctxmgr = autocast or (lambda: torch.autocast("cpu", enabled=False))
+    layer_kw = layer_kw or {}
+    saved: dict[int, tuple] = {}
+    stats = torch.zeros(4)
+
+    def forward(m: int) -> None:
+        nb = model.normalize_batch(cfg, micro_batches[m], dist)
+        p = unflatten({**frozen, **tr})
+        p = prepare(p) if prepare is not None else p
+        B, T = nb["input_ids"].shape
+        shape = (B, T // dist.tp_size if dist.sp else T, cfg.llm.dim)
+        with torch.enable_grad(), ctxmgr():
+            if first:
+                x_in, x = None, model.embed_inputs(p, cfg, nb, dist)
+            else:
+                x_in = p2p.recv(shape, dtype, p2p.prev).requires_grad_()
+                x = x_in
+            ctx = model.context(cfg, nb, dist, x.dtype)
+            x, aux, z = llm.layers(p["llm"], x, ctx, cfg.llm, dist, stage_ids, moe_dispatch=cfg.moe_dispatch, **layer_kw)
+            moe = x.new_zeros((), dtype=torch.float32)
+            if cfg.llm.n_experts:
+                moe = model.combine({"ce_sum": moe, "n_tokens": 1, "aux": aux, "z": z}, cfg, n_micro=n_micro_total)
+            ce = moe.new_zeros(())
+            if last:
+                h = llm.norm(p["llm"]["norm"], x, cfg.llm)
+                ce_sum, _ = model.head_loss(p["llm"], h, nb, dist)
+                ce = ce_sum.float() / n_total
+            else:
+                p2p.send(x.to(dtype), p2p.next)
+        stats.add_(torch.stack([ce.detach(), aux.detach().float() / n_micro_total, z.detach().float() / n_micro_total,
+                                (ce + moe).detach()]))
+        saved[m] = (x_in, x, ce + moe)
+
+    def backward(m: int) -> None:
+        x_in, x_out, loss = saved.pop(m)
+        outs, grads_out = [loss * loss_scale], [None]
+        if not last:
+            outs.append(x_out)
+            grads_out.append(p2p.recv(tuple(x_out.shape), dtype, p2p.next).to(x_out.dtype))
+        keep = [(o, g) for o, g in zip(outs, grads_out) if o.requires_grad]
+        if keep:
+            torch.autograd.backward([o for o, _ in keep], [g for _, g in keep])
+        if not first:
+            p2p.send(x_in.grad if x_in.grad is not None else torch.zeros_like(x_in), p2p.prev)
+
+    for kind, m in schedule_order(schedule, len(micro_batches), s, S):
+        forward(m) if kind == "F" else backward(m)
+    p2p.finish()
+    grads = {p: (t.grad.float() if t.grad is not None else torch.zeros_like(t, dtype=torch.float32))
+             for p, t in tr.items()}
+    return grads, stats

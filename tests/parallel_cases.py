@@ -1,0 +1,101 @@
+"""Hypothesis strategies shared by the sharding-equivalence tiers: a layout, then a small config and
+batch that the layout fits (heads, kv heads, experts, vocab, mlp divisible; any sequence length)."""
+from dataclasses import dataclass
+
+import torch
+from hypothesis import strategies as st
+
+from neva.config import LLMConfig, ModelConfig, ProjectorConfig, VisionConfig
+from neva.parallel.plan import Layout
+
+
+@dataclass(frozen=True)
+class Case:
+    layout: Layout
+    cfg: ModelConfig
+    batch_seed: int
+    rows_per_shard: int
+    seq_len: int
+    images_per_row: tuple           # pattern of one data shard (every shard repeats it)
+    padded: bool
+    packed: bool
+
+    def batch(self) -> dict:
+        g = torch.Generator().manual_seed(self.batch_seed)
+        cfg, lay = self.cfg, self.layout
+        n_shards = lay.dp * lay.ep
+        per = cfg.tokens_per_image
+        B, T = n_shards * self.rows_per_shard, self.seq_len
+        ids = torch.randint(0, cfg.llm.vocab_size - 1, (B, T), generator=g)
+        labels = ids.clone()
+        # masks are the same on every data shard (a simulated world needs equal shapes per rank)
+        drop = (torch.rand(self.rows_per_shard, T, generator=g) < 0.3).repeat(n_shards, 1)
+        labels[drop] = -100
+        labels[:, -2] = ids[:, -2]      # at least one trained token per row (never padded, never media)
+        n_img = 0
+        for b in range(B):
+            k = self.images_per_row[b % self.rows_per_shard]
+            for j in range(k):
+                s = 1 + j * (per + 1)
+                ids[b, s:s + per] = cfg.image_token_id
+                labels[b, s:s + per] = -100
+            n_img += k
+        out = {"input_ids": ids, "labels": labels}
+        if n_img:
+            out["pixel_values"] = torch.randn(n_img, 3, cfg.vision.image_size, cfg.vision.image_size, generator=g)
+        if self.padded:  # right padding of a few tokens on the last row of each shard
+            am = torch.ones(B, T, dtype=torch.long)
+            am[self.rows_per_shard - 1::self.rows_per_shard, T - 1:] = 0
+            out["attention_mask"] = am
+            out["labels"] = out["labels"].masked_fill(am == 0, -100)
+        if self.packed:  # two samples per row, positions restarting
+            cut = T // 2 + 1
+            seg = torch.ones(B, T, dtype=torch.long)
+            seg[:, cut:] = 2
+            pos = torch.cat([torch.arange(cut), torch.arange(T - cut)]).expand(B, T).clone()
+            out.update(segment_ids=seg, position_ids=pos)
+        return out
+
+
+@st.composite
+def cases(draw, max_world: int = 4, pp: bool = False, fill: bool = False) -> Case:
+    """``fill``: dp takes up the rest of ``max_world`` (a fixed-size process pool)."""
+    tp = draw(st.sampled_from([t for t in (1, 2, 4) if t <= max_world]))
+    ep = draw(st.sampled_from([e for e in (1, 2) if tp * e <= max_world]))
+    ppn = draw(st.sampled_from([p for p in (1, 2, 4) if tp * ep * p <= max_world])) if pp else 1
+    dp = max_world // (tp * ep * ppn) if fill else draw(st.sampled_from([d for d in (1, 2, 4) if tp * ep * ppn * d <= max_world]))
+    sp = tp > 1 and draw(st.booleans())
+    layout = Layout(tp=tp, pp=ppn, ep=ep, dp=dp, sp=sp)
+
+    kv = tp * draw(st.integers(1, 2))
+    heads = kv * draw(st.sampled_from([1, 2]))
+    hd = draw(st.sampled_from([4, 8]))
+    experts = ep * draw(st.integers(1, 3)) if (ep > 1 or draw(st.booleans())) else 0
+    top_k = draw(st.integers(1, min(2, experts))) if experts else 2
+    kind = "mixtral" if experts else draw(st.sampled_from(["llama", "mistral", "nemotron"]))
+    n_layers = draw(st.integers(max(1, ppn), ppn + 2))
+    vocab = tp * draw(st.integers(8, 20))
+    llm = LLMConfig(kind=kind, vocab_size=vocab, dim=draw(st.sampled_from([16, 32])), n_layers=n_layers,
+                    n_heads=heads, n_kv_heads=kv, head_dim=hd, ffn_dim=tp * draw(st.sampled_from([8, 16])),
+                    n_experts=experts, top_k=top_k, z_loss_coef=0.001 if experts else 0.0,
+                    mlp="relu2" if kind == "nemotron" else "swiglu",
+                    norm="layernorm1p" if kind == "nemotron" else "rms",
+                    rotary_pct=0.5 if kind == "nemotron" else 1.0,
+                    sliding_window=draw(st.sampled_from([None, 5])) if kind == "mistral" else None,
+                    tie_embeddings=ppn == 1 and draw(st.booleans()), max_position=256)
+    vkind = draw(st.sampled_from(["clip", "siglip"]))
+    vheads = tp * draw(st.sampled_from([1, 2]))
+    vision = VisionConfig(kind=vkind, image_size=16, patch_size=8, dim=vheads * 4, n_layers=draw(st.integers(1, 2)),
+                          n_heads=vheads, mlp_dim=tp * 8, eps=1e-5,
+                          act="quick_gelu" if vkind == "clip" else "gelu_tanh",
+                          select_layer=draw(st.sampled_from([-1, -2])),
+                          select_feature=draw(st.sampled_from(["patch", "cls_patch"])) if vkind == "clip" else "patch")
+    proj = draw(st.sampled_from(["mlp2x_gelu", "linear", "mlp3x_gelu"] + (["mlp_downsample"] if vision.select_feature == "patch" else [])))
+    cfg = ModelConfig(vision=vision, projector=ProjectorConfig(proj), llm=llm, image_token_id=vocab - 1).validate()
+    per = cfg.tokens_per_image
+    rows = draw(st.integers(1, 2))
+    images = tuple(draw(st.lists(st.integers(0, 2), min_size=rows, max_size=rows)))
+    min_len = max(images) * (per + 1) + 3
+    seq_len = draw(st.integers(min_len, min_len + 9))
+    return Case(layout, cfg, draw(st.integers(0, 2**16)), rows, seq_len, images,
+                padded=draw(st.booleans()), packed=draw(st.booleans()))
