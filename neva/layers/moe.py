@@ -57,8 +57,11 @@ def balance_losses(logits_ne: Tensor, topi_nk: Tensor, valid_n: Tensor | None, d
 
 def _experts(w1: Tensor, w3: Tensor, w2: Tensor, x_md: Tensor, counts: list[int]) -> Tensor:
     """Rows of x grouped by local expert (``counts`` rows each) -> expert outputs, same order."""
-    # no branching on a count: in a simulated world counts differ per rank (empty groups are cheap)
-    outs = [F.linear(F.silu(F.linear(xe, w1[e])) * F.linear(xe, w3[e]), w2[e])
+    # no branching on a count: in a simulated world counts differ per rank (empty groups are cheap).
+    # unbind once: its backward stacks the expert grads in one go, where w1[e] per expert would
+    # materialise (and then sum) a zero-filled [E, F, D] gradient for every expert
+    w1s, w3s, w2s = w1.unbind(0), w3.unbind(0), w2.unbind(0)
+    outs = [F.linear(F.silu(F.linear(xe, w1s[e])) * F.linear(xe, w3s[e]), w2s[e])
             for e, xe in enumerate(torch.split(x_md, counts))]
     return torch.cat(outs)
 
