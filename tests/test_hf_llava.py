@@ -330,3 +330,18 @@ def test_sparse_hub_config_takes_transformers_defaults():
     assert cfg.llm.rope_theta == 10000.0 and cfg.llm.eps == 1e-5 and not cfg.llm.tie_embeddings
     assert (cfg.vision.kind, cfg.vision.act, cfg.vision.eps, cfg.vision.layers_used) == ("clip", "quick_gelu", 1e-5, 23)
     assert cfg.tokens_per_image == 576 and cfg.image_token_id == 32000
+
+
+def test_projector_without_bias_round_trips(llavas, tmp_path):
+    src = rewrite(llavas["clip_llama"][1], tmp_path / "nobias", config=set_in(("multimodal_projector_bias", False)),
+                  tensors=lambda sd: {k: v for k, v in sd.items() if not k.startswith("multi_modal_projector.linear_")
+                                      or k.endswith("weight")})
+    cfg, params = neva.hf.load(src)
+    assert not cfg.projector.bias and set(params["projector"]["fc1"]) == {"w"}
+    neva.hf.save(params, cfg, str(tmp_path / "out"))
+    back, info = transformers.LlavaForConditionalGeneration.from_pretrained(str(tmp_path / "out"),
+                                                                            output_loading_info=True)
+    assert not any(info.values()) and back.config.multimodal_projector_bias is False
+    b = batch_for(cfg)
+    with torch.no_grad():
+        assert max_err(neva.forward(params, cfg, b)["logits"], hf_logits(back.eval(), b), b) < TOL

@@ -167,3 +167,22 @@ def test_defaults_table_matches_transformers():
             if key == "head_dim" and want is None:
                 continue                                    # None means hidden_size // num_attention_heads
             assert got == want, f"{mt}.{key}: transformers {got!r}, ours {want!r}"
+
+
+@pytest.mark.parametrize("name", list(DECODERS))
+def test_export_of_each_backbone_loads_in_transformers(decoder_folders, vision_folders, name, tmp_path):
+    """load_parts (CLIP + this decoder) -> neva.hf.save -> LlavaForConditionalGeneration: no missing or
+    unexpected keys, and its logits on an image+text batch are ours."""
+    cfg, params = neva.hf.load_parts(vision_folders["clip"][1], decoder_folders[name][1], seed=1)
+    neva.hf.save(params, cfg, str(tmp_path / "llava"))
+    hf, info = transformers.LlavaForConditionalGeneration.from_pretrained(str(tmp_path / "llava"),
+                                                                          output_loading_info=True)
+    assert not any(info.values()), info
+    P = cfg.tokens_per_image
+    ids = torch.randint(0, 300, (1, P + 12), generator=torch.Generator().manual_seed(4))
+    ids[0, 3:3 + P] = cfg.image_token_id
+    pix = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        ref = hf.eval()(input_ids=ids, pixel_values=pix).logits
+        ours = neva.forward(params, cfg, {"input_ids": ids, "pixel_values": pix})["logits"]
+    assert (ours - ref).abs().max().item() < TOL
