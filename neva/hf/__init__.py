@@ -156,8 +156,10 @@ def load_parts(vision_folder: str, llm_folder: str, projector: str = "mlp2x_gelu
 
 def save(params: dict, cfg: ModelConfig, folder: str, *, max_shard_bytes: int = MAX_SHARD_BYTES) -> list[str]:
     """Write a LlavaForConditionalGeneration folder (config.json + safetensors, sharded above
-    ``max_shard_bytes`` with model.safetensors.index.json) in the hub key layout, which transformers 4.x
-    and 5.x and vLLM load. Only the mlp2x_gelu projector exists in HF LLaVA. Returns the files written."""
+    ``max_shard_bytes`` with model.safetensors.index.json) in the hub key layout (``language_model.model.*``,
+    ``language_model.lm_head``, ``multi_modal_projector.*`` and ``vision_tower.vision_model.*``: 5.x itself
+    writes ``vision_tower.*`` but reads both, while 4.x and vLLM need ``vision_model``). Only the
+    mlp2x_gelu projector exists in HF LLaVA. Returns the files written."""
     cfg.validate()
     spec, flat = flatten(model_specs(cfg)), flatten(params)
     conf = translate.llava_json(cfg, DTYPE_NAMES.get(flat.get("llm/embed/w", torch.empty(0)).dtype, "float32"))
@@ -165,8 +167,9 @@ def save(params: dict, cfg: ModelConfig, folder: str, *, max_shard_bytes: int = 
     bad = [f"{p}: found {tuple(flat[p].shape)}, expected {tuple(spec[p].shape)}"
            for p in spec if p in flat and tuple(flat[p].shape) != tuple(spec[p].shape)]
     if missing or extra or bad:
-        raise ValueError(f"save: params do not match the config (are they local shards? gather them first): "
-                         f"missing {missing[:5]}, unexpected {extra[:5]}, wrong shape {bad[:5]}")
+        raise ValueError(f"save: params do not match the config (local shards? gather them first; LoRA leaves? "
+                         f"neva.train.lora.merge them first): missing {missing[:5]}, unexpected {extra[:5]}, "
+                         f"wrong shape {bad[:5]}")
     tensors = [kt for p in spec for kt in K.write(p, flat[p], K.HUB)]
     os.makedirs(folder, exist_ok=True)
     files = write(tensors, folder, max_shard_bytes)
