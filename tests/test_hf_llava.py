@@ -345,3 +345,10 @@ def test_projector_without_bias_round_trips(llavas, tmp_path):
     b = batch_for(cfg)
     with torch.no_grad():
         assert max_err(neva.forward(params, cfg, b)["logits"], hf_logits(back.eval(), b), b) < TOL
+    sig = dict(d, vision_feature_select_strategy="full",
+               vision_config={"model_type": "siglip_vision_model", "hidden_size": 1152, "intermediate_size": 4304,
+                              "num_hidden_layers": 27, "num_attention_heads": 16, "image_size": 384, "patch_size": 14})
+    v = llava_config(sig, "sig").vision
+    assert (v.kind, v.act, v.eps, v.dim, v.grid) == ("siglip", "gelu_tanh", 1e-6, 1152, 27)
+    v = llava_config({k: x for k, x in d.items() if k != "vision_config"}, "no vision_config").vision
+    assert (v.kind, v.dim, v.image_size, v.patch_size, v.n_layers) == ("clip", 1024, 336, 14, 24)

@@ -198,7 +198,10 @@ def llava_config(d: dict, where: str) -> ModelConfig:
         raise ValueError(f"{where}: vision_feature_layer={layer!r}: only a single int layer is supported")
     if f.get("projector_hidden_act") != "gelu":
         raise ValueError(f"{where}: projector_hidden_act={f.get('projector_hidden_act')!r}; only gelu is supported")
-    vd = dict(DEFAULTS["llava_vision"], **(d.get("vision_config") or {}))
+    # LlavaConfig: no vision_config at all means its CLIP ViT-L/14-336; a partial one fills in from
+    # its own model type's defaults
+    vd = dict(d["vision_config"]) if d.get("vision_config") else dict(DEFAULTS["llava_vision"])
+    vd.setdefault("model_type", "clip_vision_model")
     kind = VISION_TYPES.get(vd.get("model_type"))
     if kind is None:
         raise ValueError(f"{where}: vision_config.model_type={vd.get('model_type')!r} is not supported; "
