@@ -272,6 +272,7 @@ BAD_CONFIGS = [
     ("llava_next", set_in(("model_type", "llava_next")), "llava_next"),
     ("qwen2 text", set_in(("text_config.model_type", "qwen2")), "qwen2"),
     ("kv heads", set_in(("text_config.num_key_value_heads", 3)), "num_key_value_heads=3"),
+    ("heads", set_in(("text_config.num_attention_heads", 5)), "hidden_size=64 does not divide into num_attention_heads=5"),
     ("vision heads", set_in(("vision_config.num_attention_heads", 5)), "num_attention_heads=5"),
     ("feature layers", set_in(("vision_feature_layer", [-2, -1])), "vision_feature_layer"),
     ("siglip default", set_in(("vision_feature_select_strategy", "default")), "SigLIP"),
