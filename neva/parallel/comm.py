@@ -53,6 +53,7 @@ class Dist:
     data: Group = None
     data_size: int = 1
     data_rank: int = 0
+    mesh: Any = None          # the (pp, dp, ep, tp) DeviceMesh, for checkpoints (DTensor boundary)
 
     def part(self, name: str) -> "Dist":
         """The Dist a top-level part runs with: no SP outside the LLM; no TP if the plan replicates it."""
