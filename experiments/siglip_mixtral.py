@@ -131,13 +131,14 @@ def main(argv: list[str]) -> dict:
     exp = X.parse(argv, base_exp)
     if recipe == "llava":
         exp = X.validate(llava_recipe(exp))
+    threads = loop.pick_threads(exp.run.threads)
     ensure_data(exp)
     torch.manual_seed(exp.train.seed)
     cfg, params = initial_params(exp)
     exp = replace(exp, model=cfg)
     run_dir = Path(exp.run.dir)
     tok = tokenizers.load(exp.data.tokenizer)
-    print(f"model: {report.describe_model(cfg, params)}")
+    print(f"model: {report.describe_model(cfg, params)}; {threads} thread(s)")
     t = exp.train
     offset = 0
     if t.pretrain_steps:

@@ -90,6 +90,7 @@ class RunConfig:
     dir: str = "runs/default"
     tensorboard: bool = True
     progress: bool = True           # tqdm progress bars
+    threads: int = 0                # torch intra-op threads; 0 = auto (1 or all cores, whichever is faster now)
 
 
 @dataclass(frozen=True)

@@ -143,3 +143,28 @@ def test_keep_last_and_mismatched_model(tmp_path):
     st3 = S.init_state(params(other), S.StepSetup(other, optim.AdamW()))
     with pytest.raises(ckpt.CheckpointError, match="does not fit this model"):
         ckpt.load(ckpt.latest(tmp_path), st3)
+
+
+def test_loop_saves_the_last_good_state_when_losses_go_bad(tmp_path):
+    from neva import experiment as X
+    from neva.train import loop
+
+    cfg = tiny_cfg()
+
+    def batches():
+        for i in range(100):
+            b = batch(cfg, seed=i)
+            if i >= 2:
+                b["pixel_values"] = torch.full_like(b["pixel_values"], float("nan"))
+            yield b
+
+    exp = X.Experiment(model=cfg, train=X.TrainConfig(steps=10, max_bad_steps=2),
+                       run=X.RunConfig(dir=str(tmp_path), progress=False, tensorboard=False, threads=1))
+    with pytest.raises(S.NonFiniteLoss, match="2 steps in a row"):
+        loop.train(exp, params(cfg), batches())
+    last = ckpt.latest(tmp_path / "checkpoints")
+    assert last is not None and last.name == "step_00000004"
+    rows = loop.read_metrics(tmp_path)
+    assert [r["skipped_now"] for r in rows] == [False, False, True, True] and rows[-1]["step"] == 4
+    st = S.init_state(params(cfg), loop.make_setup(exp))
+    assert ckpt.load(last, st)["step"] == 4 and st.step == 2 and st.skipped == 2

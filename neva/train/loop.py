@@ -32,6 +32,34 @@ from neva.train.remat import RematPolicy
 from neva.train.step import NonFiniteLoss, StepSetup, TrainState, init_state, split_batch, train_step
 
 
+def pick_threads(requested: int = 0) -> int:
+    """Set torch's intra-op threads. 0 = time a small matmul with 1 thread and with every core and
+    keep the faster: on a CPU shared with other work, threads that wait on each other at every op
+    barrier can make a step ten times slower than one thread."""
+    import os
+    if requested > 0:
+        torch.set_num_threads(requested)
+        return requested
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if cores <= 1:
+        torch.set_num_threads(1)
+        return 1
+    a, b = torch.randn(512, 256), torch.randn(256, 256)
+    best = None
+    for n in (1, cores):
+        torch.set_num_threads(n)
+        for _ in range(3):
+            a @ b
+        t0 = time.perf_counter()
+        for _ in range(20):
+            a @ b
+        dt = time.perf_counter() - t0
+        if best is None or dt < best[0] * 0.8:              # more threads must win clearly
+            best = (dt, n)
+    torch.set_num_threads(best[1])
+    return best[1]
+
+
 def is_main() -> bool:
     return not (tdist.is_available() and tdist.is_initialized()) or tdist.get_rank() == 0
 
@@ -143,15 +171,16 @@ def train(exp: Experiment, params: Tree, batches: Iterator[dict], *, dist: Dist 
             t0 = time.perf_counter()
             batch = next(it)
             t_data = time.perf_counter() - t0
-            row = train_step(state, split_batch(batch, exp.train.grad_accum, setup.cfg), setup)
+            try:
+                row = train_step(state, split_batch(batch, exp.train.grad_accum, setup.cfg), setup)
+            except NonFiniteLoss as e:       # the step is consumed (and logged) like any skipped one
+                step += 1
+                metrics.write(_finish_row(e.row, step + step_offset, n_tokens_in(batch), t_data, tag))
+                raise
             step += 1
-            n_in = int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
-            row.update(step=step + step_offset, opt_step=row.pop("step"), tokens_per_s=n_in / max(row["time"], 1e-9),
-                       data_time=t_data)
             if eval_fn is not None and exp.eval.every and step % exp.eval.every == 0 and step < steps:
                 row.update(eval_fn(state.params, step))
-            if tag:
-                row = {("step" if k == "step" else f"{tag}/{k}" if k != "loss" else "loss"): v for k, v in row.items()}
+            row = _finish_row(row, step + step_offset, n_tokens_in(batch), t_data, tag)
             if step % exp.train.log_every == 0 or step == steps:
                 metrics.write(row)
             result.rows.append(row)
@@ -175,6 +204,20 @@ def train(exp: Experiment, params: Tree, batches: Iterator[dict], *, dist: Dist 
             bar.close()
         metrics.close()
     return result
+
+
+def n_tokens_in(batch: dict) -> int:
+    return int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
+
+
+def _finish_row(row: dict, step: int, n_in: int, t_data: float, tag: str) -> dict:
+    """The metrics row as written: loop ``step``, the optimizer's count as ``opt_step``, throughput;
+    under a ``tag`` every name but ``step`` and ``loss`` is prefixed."""
+    row = dict(row)
+    row.update(step=step, opt_step=row.pop("step"), tokens_per_s=n_in / max(row["time"], 1e-9), data_time=t_data)
+    if tag:
+        row = {k if k in ("step", "loss") else f"{tag}/{k}": v for k, v in row.items()}
+    return row
 
 
 def _progress(exp: Experiment, start: int, total: int, desc: str, main: bool):

@@ -40,7 +40,11 @@ MODES = ("autograd", "func")
 
 
 class NonFiniteLoss(RuntimeError):
-    pass
+    """Too many non-finite steps in a row; ``row`` is the metrics row of the last one (skipped)."""
+
+    def __init__(self, msg: str, row: dict | None = None):
+        super().__init__(msg)
+        self.row = row
 
 
 def label_count(batch: dict) -> int:
@@ -208,12 +212,13 @@ def train_step(state: TrainState, micro_batches: list[dict], setup: StepSetup) -
     if not (finite and math.isfinite(st["loss"])):
         state.skipped += 1
         state.bad_in_row += 1
+        row = _row(state, st, lr, float(norm), t0, skipped_now=True)
         if state.bad_in_row >= setup.max_bad_steps:
             raise NonFiniteLoss(
                 f"{state.bad_in_row} steps in a row had a non-finite loss or gradient (last loss {st['loss']}, "
-                f"grad norm {float(norm)}) at step {state.step}: lower train.lr, use train.precision=bf16 or "
-                f"fp32, or check the data; train.max_bad_steps sets how many to tolerate")
-        return _row(state, st, lr, float(norm), t0, skipped_now=True)
+                f"grad norm {float(norm)}) after {state.step} updates: lower train.lr, use train.precision=bf16 "
+                f"or fp32, or check the data; train.max_bad_steps sets how many to tolerate", row)
+        return row
     state.bad_in_row = 0
     optim.update(state.params, grads, state.opt_state, setup.opt, norm=norm)
     return _row(state, st, lr, float(norm), t0, skipped_now=False)
