@@ -88,3 +88,30 @@ def test_batch_contract_and_data_parallel_ranks(ds):
 def test_padding_report(ds):
     r = padding_report(ds.lengths, dataclasses.replace(ds.cfg, max_seq_len=512))
     assert 0 <= r["packed"] < r["unpacked_fixed"] and r["unpacked_longest"] < r["unpacked_fixed"]
+
+
+@pytest.mark.parametrize("packing", [False, True])
+def test_each_sample_gets_its_own_images(ds, packing):
+    """Read the answer to "How many shapes are there?" off the pixels that the batch puts with it."""
+    cfg = dataclasses.replace(ds.cfg, packing=packing, batch_size=4, max_seq_len=256)
+    tok, checked = ds.tok, 0
+    it = iter(Loader(ds, cfg))
+    for _ in range(6):
+        b = next(it)
+        k_img = 0
+        seg = b["segment_ids"] if packing else b["attention_mask"]
+        for r in range(b["input_ids"].shape[0]):
+            for k in range(1, int(seg[r].max()) + 1):
+                ids = b["input_ids"][r][seg[r] == k]
+                n = int((ids == 32000).sum()) // 16
+                pix, k_img = b["pixel_values"][k_img:k_img + n], k_img + n
+                text = tok.decode(ids[ids != 32000])
+                if "How many shapes are there? [/INST]" not in text:
+                    continue
+                answer = int(text.split("How many shapes are there? [/INST]")[1][0])
+                x = pix[0] * 0.5 + 0.5                              # SigLIP normalisation undone
+                quads = [x[:, y:y + 16, z:z + 16] for y in (0, 16) for z in (0, 16)]
+                assert sum(int(((q - 24 / 255).abs().sum(0) > 0.3).sum() > 20) for q in quads) == answer
+                checked += 1
+        assert k_img == b["pixel_values"].shape[0]
+    assert checked >= 5

@@ -120,3 +120,28 @@ def test_synthetic_files_load_with_the_main_job_template(template):
     assert ds.stats.skipped == [] and len(ds) == (48 if template == "plain" else 54)
     s = ds[len(ds) - 1]
     assert s.pixel_values.shape[0] == (1 if template == "plain" else 4)
+
+
+def test_generation_prompt_is_a_prefix_of_the_training_tokens():
+    """What eval feeds the model is exactly what training saw before the first answer token."""
+    from data_helpers import tiny_model
+    from neva.data import DataConfig, NevaDataset
+
+    d = synth_dir()
+    ds = NevaDataset(DataConfig(data_path=f"{d / 'eval.jsonl'},{d / 'video_eval.jsonl'}",
+                                video_folder=str(d / "videos.tar")), tiny_model())
+    assert ds.stop_strings() == ["</s>"]
+    for i in (0, 3, len(ds) - 1):
+        ids, pix = ds.prompt(i)
+        s = ds[i]
+        first = int((s.labels != -100).nonzero()[0])
+        assert ids.tolist() == s.input_ids[:first].tolist()
+        assert pix.shape == s.pixel_values.shape and bool((pix == s.pixel_values).all())
+
+
+def test_shapes_stay_inside_their_quadrant():
+    for jitter in (1, None):
+        for i in range(200):
+            for s in sample_scene(rng_for(0, "train", i), jitter=jitter):
+                x0, y0 = (16 if s.quadrant % 2 else 0), (16 if s.quadrant >= 2 else 0)
+                assert x0 < s.x and s.x + s.size < x0 + 16 and y0 < s.y and s.y + s.size < y0 + 16

@@ -65,20 +65,27 @@ def draw_shape(d: ImageDraw.ImageDraw, s: Shape) -> None:
                   fill=fill)
 
 
-def sample_scene(rng: np.random.Generator, size: int = 32, n: int | None = None) -> list[Shape]:
-    """1-3 shapes in distinct quadrants with distinct (colour, kind); sizes and offsets jittered."""
+def sample_scene(rng: np.random.Generator, size: int = 32, n: int | None = None,
+                 jitter: int | None = None) -> list[Shape]:
+    """1-3 shapes in distinct quadrants with distinct (colour, kind). By default a shape of 9-13 px
+    (of a 16 px quadrant) sits anywhere inside its quadrant; with ``jitter`` it is 11-13 px and
+    within ``jitter`` px of the quadrant's centre (steadier patch features, an easier task)."""
     n = int(rng.integers(1, 4)) if n is None else n
     half = size // 2
     pairs = [(c, k) for c in COLOURS for k in KINDS]
     chosen = rng.choice(len(pairs), n, replace=False)
     quads = rng.choice(4, n, replace=False)
+    lo = half * (9 if jitter is None else 11) // 16
     shapes = []
     for p, q in zip(chosen, quads):
-        s = int(rng.integers(max(4, half * 9 // 16), half * 13 // 16 + 1))
+        s = int(rng.integers(max(4, lo), half * 13 // 16 + 1))
         x0, y0 = (half if q % 2 else 0), (half if q >= 2 else 0)
-        x = x0 + int(rng.integers(1, half - s))
-        y = y0 + int(rng.integers(1, half - s))
-        shapes.append(Shape(*pairs[p], int(q), x, y, s))
+        if jitter is None:
+            dx, dy = int(rng.integers(1, half - s)), int(rng.integers(1, half - s))
+        else:
+            c = (half - s) // 2
+            dx, dy = (int(np.clip(c + rng.integers(-jitter, jitter + 1), 1, half - s - 1)) for _ in range(2))
+        shapes.append(Shape(*pairs[p], int(q), x0 + dx, y0 + dy, s))
     return sorted(shapes, key=lambda s: s.quadrant)
 
 
@@ -157,7 +164,7 @@ def _write_jsonl(path: Path, rows: list[dict]) -> None:
 
 def generate(out_dir: str | Path, *, seed: int = 0, train_images: int = 3000, eval_images: int = 100,
              qa_per_image: int = 3, train_videos: int = 300, eval_videos: int = 60, frames: int = 8,
-             size: int = 32, progress: bool = False) -> dict:
+             size: int = 32, jitter: int | None = None, progress: bool = False) -> dict:
     """Write the dataset (see the module docstring); -> counts of what was written."""
     from neva.data.synthetic_video import write_videos
 
@@ -167,13 +174,13 @@ def generate(out_dir: str | Path, *, seed: int = 0, train_images: int = 3000, ev
     train, caps, held = [], [], []
     for i in range(train_images):
         rng = rng_for(seed, "train", i)
-        shapes = sample_scene(rng, size)
+        shapes = sample_scene(rng, size, jitter=jitter)
         render_scene(shapes, size).save(out / image_name("train", i), optimize=False)
         qa, cap = train_records(i, shapes, rng, qa_per_image)
         train.append(qa), caps.append(cap), bar.update()
     for i in range(eval_images):
         rng = rng_for(seed, "eval", i)
-        shapes = sample_scene(rng, size)
+        shapes = sample_scene(rng, size, jitter=jitter)
         render_scene(shapes, size).save(out / image_name("eval", i), optimize=False)
         held += eval_records(i, shapes, rng)
         bar.update()
@@ -213,11 +220,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--eval-videos", type=int, default=60)
     p.add_argument("--frames", type=int, default=8, help="frames per clip")
     p.add_argument("--size", type=int, default=32, help="image and frame side in pixels")
+    p.add_argument("--jitter", type=int, default=-1, help="max px a shape sits off its quadrant's centre (-1: anywhere)")
     a = p.parse_args(argv)
     t0 = time.time()
     counts = generate(a.out_dir, seed=a.seed, train_images=a.train_images, eval_images=a.eval_images,
                       qa_per_image=a.qa_per_image, train_videos=a.train_videos, eval_videos=a.eval_videos,
-                      frames=a.frames, size=a.size, progress=True)
+                      frames=a.frames, size=a.size, jitter=None if a.jitter < 0 else a.jitter, progress=True)
     print(f"wrote {a.out_dir} in {time.time() - t0:.1f}s: " + ", ".join(f"{k}={v}" for k, v in counts.items()))
 
 
