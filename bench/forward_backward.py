@@ -5,13 +5,15 @@ batch 4 x 512 tokens, each sample one image expanded to its 256 tokens followed 
 the training loss (next-token CE over the text tokens plus the MoE balance loss) and the gradients of
 every parameter; weights are cast to the precision (no autocast) for both. Ours is loaded from the HF
 model through save_pretrained + neva.hf.load. Iterations of the two alternate, so load from other
-processes on the machine hits both alike; we report the median after a warmup.
+processes on the machine hits both alike; we report the median after a warmup. On an oversubscribed
+CPU, multi-threaded timings measure OpenMP waits more than compute: run with --threads 1 as well.
 
     python bench/forward_backward.py [--iters 6] [--warmup 2] [--dtypes fp32,bf16] [--threads N]
 """
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import tempfile
 import time
@@ -101,7 +103,11 @@ def main() -> None:
         print(f"SigLIP+Mixtral LLaVA: vision {cfg.vision.n_layers}L d{cfg.vision.dim} {cfg.vision.image_size}px/"
               f"{cfg.vision.patch_size}, llm {cfg.llm.n_layers}L d{cfg.llm.dim} {cfg.llm.n_experts}x top-"
               f"{cfg.llm.top_k}, batch {tuple(batch['input_ids'].shape)}, {cfg.tokens_per_image} image tokens/sample, "
-              f"threads {torch.get_num_threads()}, median of {args.iters} after {args.warmup} warmup")
+              f"threads {torch.get_num_threads()}, median of {args.iters} after {args.warmup} warmup, "
+              f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
+        if os.getloadavg()[0] > os.cpu_count():
+            print("  the CPU is oversubscribed: with >1 thread every parallel op can wait a scheduler slice for "
+                  "its partner thread, which swamps compute; compare with --threads 1")
         for name in args.dtypes.split(","):
             t_ours, t_hf = run(name, model, folder, batch, args.iters, args.warmup)
             print(f"{name}: ours {n_tok / t_ours:8.0f} tok/s ({t_ours * 1e3:.0f} ms)   "
