@@ -232,10 +232,11 @@ class Plan:
             holders = [r for r in range(len(flat_local)) if path in flat_local[r]]
             if not holders:
                 raise KeyError(f"unshard: no rank holds {path}")
-            out[path] = self._assemble(path, place, {r: flat_local[r][path] for r in holders})
+            out[path] = self.assemble(place, {r: flat_local[r][path] for r in holders})
         return unflatten(out)
 
-    def _assemble(self, path: str, place: tuple, pieces: dict[int, Tensor]) -> Tensor:
+    def assemble(self, place: tuple, pieces: dict[int, Tensor]) -> Tensor:
+        """One leaf from its pieces on the ranks that hold it (rank -> local tensor)."""
         sharded = [(d, ax) for d, ax in enumerate(place) if ax is not None]
         if not sharded:
             return next(iter(pieces.values()))

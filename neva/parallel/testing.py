@@ -306,3 +306,39 @@ def pool_check(rank: int, plan: Plan, cfg: ModelConfig, params: dict, batch: dic
         return None
     ce_ref, aux_ref, g_ref = reference_step(params, cfg, batch, n_shards)
     return {"ce": ce, "ce_ref": ce_ref, "aux": aux, "aux_ref": aux_ref, "grad_err": max_rel_err(g_ref, grads)}
+
+
+def train_losses(rank: int | None, layout: Layout | None, cfg: ModelConfig, params: dict, batches: list[dict],
+                 grad_accum: int = 1, lr: float = 1e-3, clip: float = 1.0, precision: str = "fp32") -> dict:
+    """Train on ``batches`` (global batches) with the real training step, under ``layout`` in a pool
+    job (``rank`` given) or in one process (``rank=None``: the reference, which accumulates over
+    data ranks x ``grad_accum`` micro-batches so both see the same split). -> on rank 0 / the
+    reference {"losses": [...], "grad_norms": [...], "params": final full tree}; None elsewhere."""
+    from neva.train import optim
+    from neva.train.step import StepSetup, init_state, split_batch as micro_split, train_step
+    from neva.parallel import runtime
+
+    opt = optim.AdamW(lr=lr, weight_decay=0.01, clip=clip, warmup=0, total=len(batches))
+    if rank is None:
+        n = layout.dp * layout.ep * grad_accum if layout else grad_accum
+        setup = StepSetup(cfg, opt, precision=precision)
+        state = init_state(unflatten({p: v.clone() for p, v in flatten(params).items()}), setup)  # it updates in place
+        rows = [train_step(state, micro_split(b, n, cfg), setup) for b in batches]
+        full = state.params
+    else:
+        par = runtime.setup(cfg, tp=layout.tp, pp=layout.pp, ep=layout.ep, sp=layout.sp)
+        assert par.layout == layout, (par.layout, layout)
+        setup = StepSetup(cfg, opt, precision=precision, dist=par.dist, par=par)
+        state = init_state(unflatten({p: v.clone() for p, v in flatten(par.shard(params)).items()}), setup)
+        d = par.dist
+        rows = [train_step(state, micro_split(split_batch(b, cfg, d.data_size, _data_index(layout, rank)),
+                                              grad_accum, cfg), setup) for b in batches]
+        full = par.gather(state.params)
+        if rank != 0:
+            return None
+    return {"losses": [r["loss"] for r in rows], "grad_norms": [r["grad_norm"] for r in rows], "params": full}
+
+
+def _data_index(layout: Layout, rank: int) -> int:
+    c = layout.coords(rank)
+    return c["dp"] * layout.ep + c["ep"]

@@ -10,7 +10,9 @@ micro-batch is divided by the label-token count of the *whole step*, summed over
 and over the data-parallel group (``Dist.data``), so one step over 4 micro-batches equals one step
 over their concatenation, and dp ranks with uneven label counts average correctly. The MoE aux and
 z losses are per-token means already; they are averaged over micro-batches and dp ranks. Gradients
-are then summed over ``Dist.data`` in ``reduce_grads`` (the one all-reduce of the step).
+are then summed over ``Dist.data`` in ``reduce_grads`` (the one all-reduce of the step); under a
+parallel plan (``StepSetup.par``) ``Parallel.sync`` does it per leaf (expert leaves over dp only,
+norms under SP over tp too) and pipelines (pp > 1) run ``neva.parallel.pipeline`` instead.
 
 A step whose loss or gradient norm is not finite is skipped (params and optimizer state untouched)
 and counted; ``max_bad_steps`` in a row stop the run with ``NonFiniteLoss``. Under fp16 an overflow
@@ -86,18 +88,20 @@ def reduce_grads(grads: dict[str, Tensor], dist: Dist) -> dict[str, Tensor]:
 def compute_grads(params: Tree, cfg: ModelConfig, micro_batches: list[dict], dist: Dist = LOCAL, *,
                   trainable: list[str], pol: Policy | None = None, mode: str = "autograd",
                   remat: RematPolicy | None = None, loss_scale: float = 1.0,
-                  prepare: Callable[[Tree], Tree] | None = None) -> tuple[dict[str, Tensor], dict]:
+                  prepare: Callable[[Tree], Tree] | None = None, par=None) -> tuple[dict[str, Tensor], dict]:
     """Gradients (fp32, path -> tensor, summed over dp, multiplied by ``loss_scale``) of the step
     loss over ``micro_batches`` with respect to the ``trainable`` leaves, and step statistics
     {"loss", "ce", "aux", "z", "n_tokens"} (floats, identical on every rank).
 
     ``prepare(params) -> params`` runs inside the differentiated function (e.g. LoRA merging).
-    ``mode``: "autograd" (torch.autograd.grad) or "func" (torch.func.grad); they agree."""
+    ``mode``: "autograd" (torch.autograd.grad) or "func" (torch.func.grad); they agree.
+    ``par``: a ``neva.parallel.runtime.Parallel`` (params are then this rank's local leaves)."""
     if mode not in MODES:
         raise ValueError(f"train.mode={mode!r}: use one of {MODES}")
     pol = pol or get_policy("fp32")
     flat = flatten(params)
-    frozen = {p: v for p, v in flat.items() if p not in set(trainable)}
+    tr_set = set(trainable)
+    frozen = {p: v for p, v in flat.items() if p not in tr_set}
     n_local = sum(label_count(mb) for mb in micro_batches)
     n_total = comm.all_reduce_nograd(torch.tensor(float(n_local)), dist.data, "sum")
     if float(n_total) == 0:
@@ -119,6 +123,13 @@ def compute_grads(params: Tree, cfg: ModelConfig, micro_batches: list[dict], dis
                              loss.detach()])
         return loss * loss_scale, stats
 
+    if par is not None and par.layout.pp > 1:
+        from neva.parallel import pipeline
+        grads, acc = pipeline.compute_grads(
+            params, cfg, micro_batches, dist, par.stage, trainable=trainable, n_total=float(n_total),
+            n_micro_total=len(micro_batches) * dist.data_size, autocast=lambda: autocast(pol),
+            layer_kw=layer_kw, loss_scale=loss_scale, prepare=prepare)
+        return _finish(grads, acc, cfg, dist, par, n_total)
     grads = {p: torch.zeros_like(flat[p], dtype=torch.float32) for p in trainable}
     acc = torch.zeros(4)
     for mb in micro_batches:
@@ -134,9 +145,22 @@ def compute_grads(params: Tree, cfg: ModelConfig, micro_batches: list[dict], dis
             if gp is not None:
                 grads[p].add_(gp.float())
         acc += st.float()
-    reduce_grads(grads, dist)
+    return _finish(grads, acc, cfg, dist, par, n_total)
+
+
+def _finish(grads: dict[str, Tensor], acc: Tensor, cfg: ModelConfig, dist: Dist, par, n_total) -> tuple[dict, dict]:
+    """Synchronise gradients and sum the statistics [ce, aux, z, loss] over the ranks holding parts."""
+    if par is not None:
+        par.sync(grads)
+    else:
+        reduce_grads(grads, dist)
+    acc = comm.all_reduce_nograd(acc, dist.pp, "sum")        # each stage holds its layers' share
+    if dist.sp:                                              # MoE statistics: each rank its tokens' share
+        acc = torch.cat([acc[:1], comm.all_reduce_nograd(acc[1:3], dist.tp, "sum"), acc[3:]])
     acc = comm.all_reduce_nograd(acc, dist.data, "sum")
     ce, aux, z, loss = acc.tolist()
+    if cfg.llm.n_experts:  # the step's loss from its parts (under SP no rank holds the whole MoE share)
+        loss = ce + (cfg.llm.aux_loss_coef * aux + cfg.llm.z_loss_coef * z) / model.n_moe_layers(cfg)
     if cfg.llm.n_experts:  # report per-layer means, as the loss weights them
         L = model.n_moe_layers(cfg)
         aux, z = aux / L, z / L
@@ -156,6 +180,7 @@ class StepSetup:
     remat: RematPolicy | None = None
     max_bad_steps: int = 5
     prepare: Callable[[Tree], Tree] | None = None
+    par: object = None                # neva.parallel.runtime.Parallel when running under a plan
 
     @property
     def pol(self) -> Policy:
@@ -198,11 +223,11 @@ def train_step(state: TrainState, micro_batches: list[dict], setup: StepSetup) -
     scale = state.scaler.scale if state.scaler else 1.0
     grads, st = compute_grads(state.params, setup.cfg, micro_batches, setup.dist, trainable=state.trainable,
                               pol=setup.pol, mode=setup.mode, remat=setup.remat, loss_scale=scale,
-                              prepare=setup.prepare)
+                              prepare=setup.prepare, par=setup.par)
     if scale != 1.0:
         for g in grads.values():
             g.div_(scale)
-    norm = optim.global_norm(grads)
+    norm = optim.global_norm(grads) if setup.par is None else setup.par.sq_norm(grads).sqrt()
     finite = math.isfinite(float(norm))
     lr = optim.lr_at(state.step, setup.opt)
     if state.scaler is not None and math.isfinite(st["loss"]):
