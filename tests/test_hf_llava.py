@@ -331,6 +331,13 @@ def test_sparse_hub_config_takes_transformers_defaults():
     assert cfg.llm.rope_theta == 10000.0 and cfg.llm.eps == 1e-5 and not cfg.llm.tie_embeddings
     assert (cfg.vision.kind, cfg.vision.act, cfg.vision.eps, cfg.vision.layers_used) == ("clip", "quick_gelu", 1e-5, 23)
     assert cfg.tokens_per_image == 576 and cfg.image_token_id == 32000
+    sig = dict(d, vision_feature_select_strategy="full",
+               vision_config={"model_type": "siglip_vision_model", "hidden_size": 1152, "intermediate_size": 4304,
+                              "num_hidden_layers": 27, "num_attention_heads": 16, "image_size": 384, "patch_size": 14})
+    v = llava_config(sig, "sig").vision
+    assert (v.kind, v.act, v.eps, v.dim, v.grid) == ("siglip", "gelu_tanh", 1e-6, 1152, 27)
+    v = llava_config({k: x for k, x in d.items() if k != "vision_config"}, "no vision_config").vision
+    assert (v.kind, v.dim, v.image_size, v.patch_size, v.n_layers) == ("clip", 1024, 336, 14, 24)
 
 
 def test_projector_without_bias_round_trips(llavas, tmp_path):
@@ -346,10 +353,3 @@ def test_projector_without_bias_round_trips(llavas, tmp_path):
     b = batch_for(cfg)
     with torch.no_grad():
         assert max_err(neva.forward(params, cfg, b)["logits"], hf_logits(back.eval(), b), b) < TOL
-    sig = dict(d, vision_feature_select_strategy="full",
-               vision_config={"model_type": "siglip_vision_model", "hidden_size": 1152, "intermediate_size": 4304,
-                              "num_hidden_layers": 27, "num_attention_heads": 16, "image_size": 384, "patch_size": 14})
-    v = llava_config(sig, "sig").vision
-    assert (v.kind, v.act, v.eps, v.dim, v.grid) == ("siglip", "gelu_tanh", 1e-6, 1152, 27)
-    v = llava_config({k: x for k, x in d.items() if k != "vision_config"}, "no vision_config").vision
-    assert (v.kind, v.dim, v.image_size, v.patch_size, v.n_layers) == ("clip", 1024, 336, 14, 24)

@@ -164,8 +164,6 @@ def vision_config(d: dict, where: str, select_layer: int = -2, select_feature: s
                        dim=dim, n_layers=int(f.get("num_hidden_layers")), n_heads=heads,
                        mlp_dim=int(f.get("intermediate_size")), eps=float(f.get("layer_norm_eps")),
                        act=VISION_ACTS[act], select_layer=select_layer, select_feature=select_feature)
-    if cfg.image_size % cfg.patch_size:
-        raise ValueError(f"{where}: image_size={cfg.image_size} is not a multiple of patch_size={cfg.patch_size}")
     if not -cfg.n_layers - 1 <= select_layer <= cfg.n_layers:
         raise ValueError(f"{where}: vision feature layer {select_layer} is out of range for "
                          f"{cfg.n_layers} layers (hidden_states has {cfg.n_layers + 1} entries)")
