@@ -342,3 +342,36 @@ def train_losses(rank: int | None, layout: Layout | None, cfg: ModelConfig, para
 def _data_index(layout: Layout, rank: int) -> int:
     c = layout.coords(rank)
     return c["dp"] * layout.ep + c["ep"]
+
+
+def train_segment(rank: int | None, layout: Layout | None, cfg: ModelConfig, params: dict, batches: list[dict],
+                  start: int, stop: int, ckpt_dir: str, n_micro: int = 2, lr: float = 1e-3) -> list[float] | None:
+    """Steps ``start..stop`` of a run over ``batches`` (``n_micro`` micro-batches per step in all,
+    split first over data ranks), resuming from the newest checkpoint in ``ckpt_dir`` when
+    ``start > 0`` and saving one at ``stop``. ``rank=None``: one process, no process group.
+    -> the per-step losses (on rank 0 / in one process)."""
+    from neva.parallel import runtime
+    from neva.train import checkpoint as ckpt
+    from neva.train import optim
+    from neva.train.step import StepSetup, init_state, split_batch as micro_split, train_step
+
+    opt = optim.AdamW(lr=lr, weight_decay=0.01, clip=1.0, warmup=0, total=len(batches))
+    if rank is None:
+        par, setup = None, StepSetup(cfg, opt)
+    else:
+        par = runtime.setup(cfg, tp=layout.tp, pp=layout.pp, ep=layout.ep, sp=layout.sp)
+        setup = StepSetup(cfg, opt, dist=par.dist, par=par)
+    local = params if par is None else par.shard(params)
+    state = init_state(unflatten({p: v.clone() for p, v in flatten(local).items()}), setup)
+    if start:
+        path = ckpt.latest(ckpt_dir)
+        meta = ckpt.load(path, state, par=par)
+        assert int(meta["step"]) == start, (meta["step"], start)
+    n_data = 1 if par is None else par.dist.data_size
+    d = 0 if par is None else par.dist.data_rank
+    losses = []
+    for i in range(start, stop):
+        mine = split_batch(batches[i], cfg, n_data, d)
+        losses.append(train_step(state, micro_split(mine, n_micro // n_data, cfg), setup)["loss"])
+    ckpt.save(ckpt_dir, stop, state, par=par)
+    return losses if rank in (None, 0) else None

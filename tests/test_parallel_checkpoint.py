@@ -1,0 +1,81 @@
+"""Distributed checkpoints: written under one layout, resumed under another (or in one process
+without a process group), the following losses equal an uninterrupted run's; a corrupt shard is
+an error naming it, and train.resume=auto falls back to the newest intact checkpoint."""
+import pytest
+
+from neva import model
+from neva.parallel.plan import Layout
+from neva.parallel.testing import GlooPool, train_segment
+from neva.train import checkpoint as ckpt
+from test_parallel_gloo import _batch, _main_like_cfg
+
+N = 2  # steps before and after the switch
+
+
+@pytest.fixture(scope="module")
+def gloo_pool2():
+    pool = GlooPool(2)
+    yield pool
+    pool.close()
+
+
+@pytest.fixture(scope="module")
+def run_data():
+    cfg = _main_like_cfg()
+    return cfg, model.init_params(cfg, 2), [_batch() for _ in range(2 * N)]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(run_data, tmp_path_factory):
+    cfg, params, batches = run_data
+    return train_segment(None, None, cfg, params, batches, 0, 2 * N, str(tmp_path_factory.mktemp("ref")))
+
+
+@pytest.fixture(scope="module")
+def saved_tp2pp2(gloo_pool, run_data, tmp_path_factory):
+    cfg, params, batches = run_data
+    d = tmp_path_factory.mktemp("tp2pp2")
+    first = gloo_pool.run(train_segment, Layout(tp=2, pp=2), cfg, params, batches, 0, N, str(d))[0]
+    return d, first
+
+
+def test_tp2pp2_then_dp2(gloo_pool2, run_data, uninterrupted, saved_tp2pp2, tmp_path):
+    import shutil
+    cfg, params, batches = run_data
+    d = tmp_path / "copy"
+    shutil.copytree(saved_tp2pp2[0], d)
+    first = saved_tp2pp2[1]
+    assert ckpt.check_complete(ckpt.latest(d))["layout"] == "pp2xtp2"
+    assert first == pytest.approx(uninterrupted[:N], rel=1e-5)
+    rest = gloo_pool2.run(train_segment, Layout(dp=2), cfg, params, batches, N, 2 * N, str(d))[0]
+    assert rest == pytest.approx(uninterrupted[N:], rel=1e-5)
+
+
+def test_tp2pp2_then_single_process(run_data, uninterrupted, saved_tp2pp2, tmp_path):
+    import shutil
+    cfg, params, batches = run_data
+    d = tmp_path / "copy"
+    shutil.copytree(saved_tp2pp2[0], d)
+    rest = train_segment(None, None, cfg, params, batches, N, 2 * N, str(d))
+    assert rest == pytest.approx(uninterrupted[N:], rel=1e-5)
+
+
+def test_single_process_then_ep2_tp2_sp(gloo_pool, run_data, uninterrupted, tmp_path):
+    cfg, params, batches = run_data
+    first = train_segment(None, None, cfg, params, batches, 0, N, str(tmp_path))
+    rest = gloo_pool.run(train_segment, Layout(tp=2, ep=2, sp=True), cfg, params, batches, N, 2 * N, str(tmp_path))[0]
+    assert first + rest == pytest.approx(uninterrupted, rel=1e-5)
+
+
+def test_corrupt_shard_is_named_and_skipped(run_data, tmp_path):
+    cfg, params, batches = run_data
+    train_segment(None, None, cfg, params, batches, 0, 1, str(tmp_path))
+    train_segment(None, None, cfg, params, batches, 1, 2, str(tmp_path))
+    newest = ckpt.latest(tmp_path)
+    shard = next(p for p in newest.iterdir() if p.suffix == ".distcp")
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF                       # same size, one flipped byte
+    shard.write_bytes(bytes(data))
+    with pytest.raises(ckpt.CheckpointError, match=f"{shard.name} does not match its checksum"):
+        ckpt.resolve(str(newest), tmp_path)
+    assert ckpt.resolve("auto", tmp_path).name == "step_00000001"   # falls back to the intact one
