@@ -79,3 +79,32 @@ def test_corrupt_shard_is_named_and_skipped(run_data, tmp_path):
     with pytest.raises(ckpt.CheckpointError, match=f"{shard.name} does not match its checksum"):
         ckpt.resolve(str(newest), tmp_path)
     assert ckpt.resolve("auto", tmp_path).name == "step_00000001"   # falls back to the intact one
+
+
+def test_export_of_a_sharded_checkpoint_loads_in_transformers(saved_tp2pp2, run_data, tmp_path):
+    """python -m neva.export on a checkpoint written by 4 ranks (tp2 x pp2): transformers loads the
+    folder and gives the logits neva gives with the checkpoint's params."""
+    import shutil
+    import torch
+    from transformers import LlavaForConditionalGeneration
+    from neva import experiment as X
+    from neva import export as E
+    cfg, params, batches = run_data
+    d = tmp_path / "run"
+    shutil.copytree(saved_tp2pp2[0], d)
+    X.save(X.Experiment(model=cfg), d)
+    assert E.main([str(ckpt.latest(d)), str(tmp_path / "hf")]) == 0
+    _, ours = E.load_checkpoint_params(ckpt.latest(d), X.Experiment(model=cfg))
+    b = batches[0]
+    hf_model = LlavaForConditionalGeneration.from_pretrained(str(tmp_path / "hf")).eval()
+    with torch.no_grad():
+        theirs = hf_model(input_ids=b["input_ids"], pixel_values=b["pixel_values"]).logits
+        mine = model.forward(ours, cfg, b)["logits"]
+    assert (theirs - mine).abs().max() < 1e-4
+    assert not torch.equal(ours["llm"]["embed"]["w"], params["llm"]["embed"]["w"])   # it did train
+
+
+def test_export_errors_name_the_problem(tmp_path, capsys):
+    from neva import export as E
+    assert E.main([str(tmp_path / "nope"), str(tmp_path / "out")]) == 2
+    assert "no config.json" in capsys.readouterr().err

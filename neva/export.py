@@ -1,0 +1,131 @@
+"""Export a training checkpoint, whatever layout wrote it, as a Hugging Face LLaVA folder.
+
+    python -m neva.export runs/siglip_mixtral/checkpoints/step_00000500 out/llava [--config CONFIG]
+
+The run's resolved ``config.json`` is found next to the checkpoint (or given with ``--config``).
+The checkpoint is read in one process (DCP reassembles every rank's slices); leaves it left out
+because they were frozen are rebuilt from the recorded base (HF folders or the init seed) and
+checked against its content hash; fp32 master weights are used where the run kept them (bf16_o2);
+LoRA is merged. transformers' ``LlavaForConditionalGeneration.from_pretrained(out)`` then gives the
+logits neva gives.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import warnings
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+import torch.distributed.checkpoint as dcp
+
+from neva import experiment as X
+from neva import model
+from neva.config import ModelConfig
+from neva.params import flatten, unflatten
+
+
+def base_params(exp: X.Experiment) -> tuple[ModelConfig, dict]:
+    """The params a run starts from: HF weights (``model.*.from_pretrained``, with the image token
+    appended to the vocabulary if the config asks for one past it) or the seeded init; LoRA leaves
+    added when ``train.lora`` is set. The main job and ``export`` share it."""
+    from neva.train import lora as lora_mod
+    cfg = exp.model
+    if cfg.vision.from_pretrained or cfg.llm.from_pretrained:
+        if not (cfg.vision.from_pretrained and cfg.llm.from_pretrained):
+            raise X.ConfigError("set both model.vision.from_pretrained and model.llm.from_pretrained (or neither)")
+        from neva import hf
+        from neva.train.report import add_image_token
+        loaded, params = hf.load_parts(cfg.vision.from_pretrained, cfg.llm.from_pretrained, cfg.projector.kind,
+                                       seed=exp.train.seed, select_layer=cfg.vision.select_layer,
+                                       select_feature=cfg.vision.select_feature)
+        if loaded.image_token_id >= loaded.llm.vocab_size or cfg.llm.vocab_size > loaded.llm.vocab_size:
+            loaded, params = add_image_token(loaded, params)
+        cfg = replace(loaded, llm=replace(loaded.llm, from_pretrained=cfg.llm.from_pretrained),
+                      vision=replace(loaded.vision, from_pretrained=cfg.vision.from_pretrained))
+    else:
+        params = model.init_params(cfg, seed=exp.train.seed)
+    if exp.train.lora:
+        params = lora_mod.add(params, lora_mod.LoraConfig(exp.train.lora, exp.train.lora_rank, exp.train.lora_alpha,
+                                                          exp.train.seed))
+    return cfg, params
+
+
+def sources(exp: X.Experiment) -> dict:
+    """Where a run's base weights come from, for checkpoints (``checkpoint.frozen_info``)."""
+    v, l = exp.model.vision.from_pretrained, exp.model.llm.from_pretrained
+    init = f"init seed {exp.train.seed}"
+    return {"vision": v or init, "llm": l or init, "projector": init}
+
+
+def find_config(ckpt: Path) -> Path:
+    for d in [ckpt, *ckpt.parents][:4]:
+        if (d / "config.json").exists():
+            return d / "config.json"
+    raise FileNotFoundError(f"no config.json next to {ckpt} or in the 3 folders above it: pass --config "
+                            "(the run's resolved config, written to run.dir/config.json)")
+
+
+def load_checkpoint_params(path: Path, exp: X.Experiment) -> tuple[ModelConfig, dict]:
+    """Full fp32 params of a checkpoint (any layout), frozen leaves rebuilt and verified, LoRA merged."""
+    from neva.train import checkpoint as ckpt
+    from neva.train import lora as lora_mod
+    man = ckpt.check_complete(path, verify=True)
+    cfg, base = base_params(exp)
+    if man.get("frozen"):
+        now = ckpt.frozen_info(base, [p for p in flatten(base) if p not in set(man["frozen"]["paths"])], {})
+        if now is None or now["hash"] != man["frozen"]["hash"]:
+            raise ckpt.CheckpointError(
+                f"checkpoint {path} left out its frozen leaves; rebuilding them from {man['frozen']['sources']} "
+                "gave different values: is the same base (HF folder, seed) still there?")
+    params = ckpt.load_params(path, base)
+    have = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    masters = {p: v.float().clone() for p, v in flatten(params).items() if f"optim/master/{p}" in have}
+    if masters:                                       # bf16_o2: the fp32 masters are the real weights
+        sd = {f"optim/master/{p}": v for p, v in masters.items()}
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*single process.*")
+            dcp.load(sd, checkpoint_id=str(path))
+        params = unflatten({**{p: v.float() for p, v in flatten(params).items()},
+                            **{k[len("optim/master/"):]: v for k, v in sd.items()}})
+    else:
+        params = unflatten({p: v.float() for p, v in flatten(params).items()})
+    if exp.train.lora:
+        params = lora_mod.merge(params, exp.train.lora_alpha / exp.train.lora_rank)
+    return cfg, params
+
+
+def export(ckpt_path: str | Path, out: str | Path, config: str | Path | None = None) -> Path:
+    from neva import hf
+    ckpt_path = Path(ckpt_path)
+    exp = X.load(config or find_config(ckpt_path))
+    cfg, params = load_checkpoint_params(ckpt_path, exp)
+    hf.save(params, cfg, str(out))
+    tok_name = getattr(exp.data, "tokenizer", None) if exp.data is not None else None
+    if tok_name:
+        try:
+            from neva.data import tokenizers
+            tokenizers.load(tok_name).save_pretrained(str(out))
+        except Exception as e:  # noqa: BLE001 - the weights are written; say why the tokenizer is not
+            print(f"note: tokenizer {tok_name!r} not written ({e}); copy it into {out} yourself")
+    return Path(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m neva.export", description=__doc__.split("\n\n")[0])
+    ap.add_argument("checkpoint", help="a checkpoint folder (…/checkpoints/step_N)")
+    ap.add_argument("out", help="the HF LLaVA folder to write")
+    ap.add_argument("--config", help="the run's config.json (default: found next to the checkpoint)")
+    a = ap.parse_args(argv)
+    try:
+        out = export(a.checkpoint, a.out, a.config)
+    except (FileNotFoundError, ValueError, RuntimeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {out}: load it with transformers' LlavaForConditionalGeneration.from_pretrained({str(out)!r})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
