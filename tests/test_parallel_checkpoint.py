@@ -108,3 +108,19 @@ def test_export_errors_name_the_problem(tmp_path, capsys):
     from neva import export as E
     assert E.main([str(tmp_path / "nope"), str(tmp_path / "out")]) == 2
     assert "no config.json" in capsys.readouterr().err
+
+
+def test_hf_folder_loads_under_a_plan_reading_only_each_ranks_slices(gloo_pool, tmp_path):
+    """neva.hf.load(shard=par.hf_slices): each rank reads its tp/ep slices of its own stage's leaves
+    (embeddings whole, for vocabulary growth), and the result equals the shard of a full load."""
+    from transformers import LlavaConfig, LlavaForConditionalGeneration, MixtralConfig, SiglipVisionConfig
+    from neva.parallel.testing import hf_sliced_load
+    vc = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                            image_size=16, patch_size=8, vision_use_head=False)
+    tc = MixtralConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+                       num_key_value_heads=2, vocab_size=64, num_local_experts=4, num_experts_per_tok=2)
+    LlavaForConditionalGeneration(LlavaConfig(vision_config=vc, text_config=tc, image_token_id=63,
+                                              vision_feature_select_strategy="full")).save_pretrained(tmp_path)
+    res = gloo_pool.run(hf_sliced_load, Layout(tp=2, pp=2), str(tmp_path))
+    assert all(r["same"] for r in res)
+    assert all(r["read"] < 0.5 * r["full"] for r in res), [(r["read"], r["full"]) for r in res]

@@ -61,6 +61,10 @@ def _read(ck: Checkpoint, lay: K.Layout, specs: dict, *, dtype: torch.dtype | No
         idx = None if shard is None else shard(p, tuple(specs[p].shape))
         if idx is not None:
             check_index(tuple(idx), tuple(specs[p].shape), p)
+            sizes = [len(range(*s.indices(n))) for s, n in zip(idx, specs[p].shape)]
+            if 0 in sizes:                              # a leaf this rank does not hold: read nothing
+                out[p] = torch.empty(sizes + list(specs[p].shape[len(sizes):]), dtype=dtype or torch.float32)
+                continue
         t = K.read(ck, r, idx)
         out[p] = t if dtype is None else t.to(dtype)
     return out

@@ -65,7 +65,9 @@ class Parallel:
 
     def placements(self, paths=None) -> dict[str, tuple]:
         """Placement of every leaf (LoRA leaves included when their paths are given)."""
-        pl = self.plan.placements(self.specs)
+        if getattr(self, "_pl", None) is None:
+            self._pl = self.plan.placements(self.specs)
+        pl = dict(self._pl)
         for p in paths or ():
             if p not in pl:
                 lp = lora_placement(p, pl)
@@ -84,6 +86,41 @@ class Parallel:
         coords = self.layout.coords(self.rank)
         return unflatten({p: self.plan.shard_leaf(t, pl[p], coords) for p, t in flat.items()
                           if self.plan.stage_of(_LORA.sub(r"\1", p), self.cfg) == coords["pp"]})
+
+    WHOLE = ("llm/embed/w", "llm/lm_head/w")   # read whole: the image token may still grow the vocabulary
+
+    def hf_slices(self, path: str, full_shape: tuple) -> tuple | None:
+        """For ``neva.hf.load(..., shard=par.hf_slices)``: the slices of a leaf this rank reads from
+        an HF folder (empty for leaves of other pipeline stages, whole for the embeddings)."""
+        if self.single or path in self.WHOLE:
+            return None
+        coords = self.layout.coords(self.rank)
+        if self.plan.stage_of(path, self.cfg) != coords["pp"]:
+            return tuple(slice(0, 0) for _ in full_shape)
+        place = self.placements().get(path) or lora_placement(path, self.placements()) or (None,) * len(full_shape)
+        out = []
+        for d, ax in enumerate(place):
+            n = full_shape[d] // self.layout.size(ax) if ax else full_shape[d]
+            c = coords[ax] if ax else 0
+            out.append(slice(c * n, (c + 1) * n))
+        return tuple(out)
+
+    def localize(self, params: dict) -> dict:
+        """A tree read with ``hf_slices`` (some leaves local, some whole, some empty) -> this rank's
+        local tree; the same as ``shard`` of the full tree."""
+        if self.single:
+            return params
+        flat = flatten(params)
+        pl = self.placements(flat)
+        spec_shapes = {p: tuple(s.shape) for p, s in flatten(self.specs).items()}
+        coords = self.layout.coords(self.rank)
+        out = {}
+        for p, t in flat.items():
+            if self.plan.stage_of(_LORA.sub(r"\1", p), self.cfg) != coords["pp"]:
+                continue
+            full = spec_shapes.get(p, tuple(t.shape))
+            out[p] = self.plan.shard_leaf(t, pl[p], coords) if tuple(t.shape) == full else t
+        return unflatten(out)
 
     def sync(self, grads: dict[str, Tensor]) -> dict[str, Tensor]:
         """Sum gradients (flat path -> tensor, in place) over the ranks that share each leaf."""

@@ -375,3 +375,18 @@ def train_segment(rank: int | None, layout: Layout | None, cfg: ModelConfig, par
         losses.append(train_step(state, micro_split(mine, n_micro // n_data, cfg), setup)["loss"])
     ckpt.save(ckpt_dir, stop, state, par=par)
     return losses if rank in (None, 0) else None
+
+
+def hf_sliced_load(rank: int, layout: Layout, folder: str) -> dict:
+    """A pool job: load an HF LLaVA folder reading only this rank's slices; -> per leaf whether the
+    local tensor equals the plan's shard of the full load, and how many scalars were read."""
+    from neva import hf
+    from neva.parallel import runtime
+    cfg, full = hf.load(folder)
+    par = runtime.setup(cfg, tp=layout.tp, pp=layout.pp, ep=layout.ep, sp=layout.sp)
+    _, read = hf.load(folder, shard=par.hf_slices)
+    read_scalars = sum(t.numel() for t in flatten(read).values())
+    local = flatten(par.localize(read))
+    want = flatten(par.shard(full))
+    return {"same": local.keys() == want.keys() and all(torch.equal(local[p], want[p]) for p in want),
+            "read": read_scalars, "full": sum(t.numel() for t in flatten(full).values())}
