@@ -55,11 +55,11 @@ def model_config() -> ModelConfig:
 
 
 def base() -> X.Experiment:
-    data = DataConfig(data_path=f"{DATA}/train.jsonl,{DATA}/video_train.jsonl",
+    data = DataConfig(data_path=f"{DATA}/train.jsonl,{DATA}/captions.jsonl,{DATA}/video_train.jsonl",
                       eval_path=f"{DATA}/eval.jsonl,{DATA}/video_eval.jsonl", video_folder=f"{DATA}/videos.tar",
                       tokenizer="mixtral", template="mistral",
                       num_frames=4, max_seq_len=192, batch_size=32, num_workers=1)
-    train = X.TrainConfig(steps=500, lr=2e-3, warmup=30, min_lr_ratio=0.05, weight_decay=0.0, betas=(0.9, 0.98),
+    train = X.TrainConfig(steps=600, lr=1e-3, warmup=30, min_lr_ratio=0.05, weight_decay=0.0, betas=(0.9, 0.98),
                           clip=1.0, precision="bf16", pretrain_steps=0, pretrain_data=f"{DATA}/captions.jsonl")
     return X.Experiment(model=model_config(), data=data, train=train, eval=X.EvalConfig(batch_size=50, max_new_tokens=6),
                         checkpoint=X.CheckpointConfig(every=100, keep_last=1),
@@ -88,13 +88,22 @@ def split_recipe(argv: list[str]) -> tuple[str, list[str]]:
     return "scratch", argv
 
 
+GENERATE = dict(seed=0, train_images=3000, eval_images=100, qa_per_image=5, train_videos=300, eval_videos=60,
+                frames=8, size=32, jitter=1)   # all five question types per image; shapes centred within 1 px
+
+
 def ensure_data(exp: X.Experiment) -> None:
-    """Generate the synthetic dataset if the default files are asked for and absent."""
+    """(Re)generate the synthetic dataset if the job's files are asked for and absent, or were written
+    with other settings (``DATA/job.json`` records them)."""
     wanted = [p for p in exp.data.data_path.split(",") + [exp.train.pretrain_data] if p]
-    if all(Path(p).exists() for p in wanted) or not any(p.startswith(DATA) for p in wanted):
+    if not any(p.startswith(DATA) for p in wanted):
+        return
+    marker = Path(DATA) / "job.json"
+    if marker.exists() and json.loads(marker.read_text()) == GENERATE and all(Path(p).exists() for p in wanted):
         return
     print(f"writing the synthetic dataset to {DATA}/ ...")
-    counts = synthetic.generate(DATA, progress=exp.run.progress)
+    counts = synthetic.generate(DATA, progress=exp.run.progress, **GENERATE)
+    marker.write_text(json.dumps(GENERATE))
     print("  " + ", ".join(f"{k}={v}" for k, v in counts.items()))
 
 

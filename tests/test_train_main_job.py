@@ -16,13 +16,15 @@ from neva.train import checkpoint as ckpt  # noqa: E402
 SMALL = ["model.llm.dim=32", "model.llm.n_layers=2", "model.llm.ffn_dim=32", "model.llm.n_experts=4",
          "model.vision.dim=32", "model.vision.mlp_dim=64", "model.vision.n_layers=1", "data.batch_size=4",
          "data.num_workers=0", "eval.batch_size=16", "eval.max_new_tokens=4", "run.progress=false",
-         "train.warmup=1"]
+         "train.warmup=1", "data.data_path=small/train.jsonl,small/captions.jsonl,small/video_train.jsonl",
+         "data.eval_path=small/eval.jsonl,small/video_eval.jsonl", "data.video_folder=small/videos.tar",
+         "train.pretrain_data=small/captions.jsonl"]
 
 
 @pytest.fixture()
 def workdir(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    synthetic.generate(Path(job.DATA), train_images=40, eval_images=3, train_videos=8, eval_videos=4)
+    synthetic.generate("small", train_images=40, eval_images=3, train_videos=8, eval_videos=4, qa_per_image=5)
     return tmp_path
 
 
@@ -30,6 +32,7 @@ def test_main_job_writes_every_output_and_resumes(workdir, capsys):
     args = SMALL + ["train.steps=4", "train.pretrain_steps=2", "checkpoint.every=2", "eval.every=2",
                     "eval.max_samples=6", "run.dir=runs/t"]
     m = job.main(args)
+    assert not Path(job.DATA).exists()                      # the job's own dataset is only made when used
     run = workdir / "runs/t"
     for kind, types in (("image", {"colour", "shape", "count", "position", "yesno"}), ("video", {"motion"})):
         assert set(m[kind]["per_type"]) == types

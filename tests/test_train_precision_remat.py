@@ -51,7 +51,9 @@ def test_remat_gives_identical_grads(method, n, mode):
     assert max_diff(g0, g1) == 0.0
 
 
-def test_remat_recomputes_under_bf16_autocast():
+def test_remat_recomputes_under_bf16_autocast(monkeypatch):
+    from neva.train import precision
+    monkeypatch.setattr(precision, "CPU_MATH_ATTENTION", False)   # remat keeps the flash kernel: compare like with like
     cfg = tiny_cfg(layers=2)
     p, b = params(cfg), batch(cfg)
     tr = optim.trainable_paths(p, optim.AdamW())
@@ -64,3 +66,19 @@ def test_remat_recomputes_under_bf16_autocast():
 def test_remat_policy_validates():
     with pytest.raises(ValueError, match="use one of"):
         RematPolicy("selective").validate()
+
+
+def test_bf16_math_attention_kernel_is_as_close_to_fp32_as_flash(monkeypatch):
+    from neva.train import precision
+    cfg = tiny_cfg(layers=2)
+    p, b = params(cfg), batch(cfg)
+    tr = [k for k in optim.trainable_paths(p, optim.AdamW()) if not k.endswith("wk/b")]   # key bias: zero gradient
+    g32, _ = S.compute_grads(p, cfg, [b], trainable=tr)
+    g_math, _ = S.compute_grads(p, cfg, [b], trainable=tr, pol=S.get_policy("bf16"))
+    monkeypatch.setattr(precision, "CPU_MATH_ATTENTION", False)
+    g_flash, _ = S.compute_grads(p, cfg, [b], trainable=tr, pol=S.get_policy("bf16"))
+
+    def err(g):
+        return max(float((g[k] - g32[k]).norm() / g32[k].norm()) for k in tr if g32[k].norm() > 0)
+
+    assert err(g_math) < 0.05 and err(g_math) < 2 * err(g_flash)

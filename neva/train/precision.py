@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 
 NAMES = ("fp32", "bf16", "bf16_o2", "fp16")
+CPU_MATH_ATTENTION = True   # under CPU autocast, attention through the math kernel (see ``autocast``)
 
 
 @dataclass(frozen=True)
@@ -41,11 +42,20 @@ def policy(name: str) -> Policy:
     raise ValueError(f"train.precision={name!r}: use one of {NAMES}")
 
 
-def autocast(pol: Policy, device: str = "cpu"):
-    """The context the forward runs in."""
+@contextlib.contextmanager
+def autocast(pol: Policy, device: str = "cpu", math_attention: bool = True):
+    """The context the forward runs in. On CPU under bf16/fp16 autocast, attention uses the math
+    kernel (``math_attention``): PyTorch's CPU flash kernel is ~3x slower than it in bf16 for short
+    sequences. Not with activation checkpointing: a math-kernel recomputation under
+    ``torch.func.vjp`` loses autocast's casts."""
     if pol.autocast is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device, dtype=pol.autocast)
+        yield
+        return
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    use_math = CPU_MATH_ATTENTION and math_attention and device == "cpu"
+    kernel = sdpa_kernel([SDPBackend.MATH]) if use_math else contextlib.nullcontext()
+    with torch.autocast(device, dtype=pol.autocast), kernel:
+        yield
 
 
 @dataclass

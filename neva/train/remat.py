@@ -2,8 +2,9 @@
 
 ``torch.utils.checkpoint`` fails under ``torch.func`` transforms, so a checkpointed chunk is a custom
 ``autograd.Function`` (with ``setup_context``, which functorch requires) whose forward keeps only its
-inputs and whose backward recomputes the chunk with ``torch.func.vjp``. The autocast state of the
-forward is restored for the recomputation, so bf16 runs recompute the same values.
+inputs and whose backward recomputes the chunk with ``torch.func.vjp``. The autocast state and the
+attention kernel choice of the forward are restored for the recomputation, so bf16 runs recompute
+the same values.
 
 Policies, as NeMo/Megatron name them (``recompute_method`` with ``recompute_num_layers``):
   uniform  every layer is checkpointed, in chunks of ``num_layers`` consecutive layers (the chunk's
@@ -15,6 +16,7 @@ Plug in with ``neva.llm.layers(..., **remat_kwargs(policy, ids))``.
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Callable, Iterable
 
@@ -39,6 +41,18 @@ class RematPolicy:
         return self
 
 
+def _sdpa_backends():
+    """The attention kernels allowed now (``sdpa_kernel`` may have narrowed them), or None."""
+    cur = getattr(torch.nn.attention, "_cur_sdpa_kernel_backends", None)
+    return cur() if cur is not None else None
+
+
+def _sdpa_kernel(backends):
+    if backends is None:
+        return contextlib.nullcontext()
+    return torch.nn.attention.sdpa_kernel(backends)
+
+
 class _Remat(torch.autograd.Function):
     @staticmethod
     def forward(fn, keys, x, *leaves):
@@ -49,6 +63,7 @@ class _Remat(torch.autograd.Function):
         fn, keys, x, *leaves = inputs
         ctx.fn, ctx.keys = fn, keys
         ctx.autocast = (torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu"))
+        ctx.sdpa = _sdpa_backends()
         ctx.save_for_backward(x, *leaves)
 
     @staticmethod
@@ -60,7 +75,7 @@ class _Remat(torch.autograd.Function):
             return fn(unflatten(dict(zip(keys, ls))), xx)
 
         on, dtype = ctx.autocast
-        with torch.enable_grad(), torch.autocast("cpu", dtype=dtype, enabled=on):
+        with torch.enable_grad(), torch.autocast("cpu", dtype=dtype, enabled=on), _sdpa_kernel(ctx.sdpa):
             outs, vjp = torch.func.vjp(run, x, *leaves)
         # outputs nobody used come back as None: give vjp zeros of the right shape
         cot = tuple(torch.zeros_like(o) if g is None else g for o, g in zip(outs, grads_out))

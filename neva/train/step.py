@@ -114,7 +114,7 @@ def compute_grads(params: Tree, cfg: ModelConfig, micro_batches: list[dict], dis
         p = unflatten({**frozen, **tr})
         if prepare is not None:
             p = prepare(p)
-        with autocast(pol):
+        with autocast(pol, math_attention=not layer_kw):
             t = model.loss_terms(p, cfg, mb, dist, **layer_kw)
         ce = t["ce_sum"].float() / n_total
         moe = model.combine({"ce_sum": ce.new_zeros(()), "n_tokens": 1, "aux": t["aux"], "z": t["z"]}, cfg)
@@ -130,7 +130,7 @@ def compute_grads(params: Tree, cfg: ModelConfig, micro_batches: list[dict], dis
             n_micro_total=len(micro_batches) * dist.data_size, autocast=lambda: autocast(pol),
             layer_kw=layer_kw, loss_scale=loss_scale, prepare=prepare)
         return _finish(grads, acc, cfg, dist, par, n_total)
-    grads = {p: torch.zeros_like(flat[p], dtype=torch.float32) for p in trainable}
+    grads: dict[str, Tensor] = {}
     acc = torch.zeros(4)
     for mb in micro_batches:
         if mode == "func":
@@ -142,9 +142,17 @@ def compute_grads(params: Tree, cfg: ModelConfig, micro_batches: list[dict], dis
             gl = torch.autograd.grad(loss, list(tr.values()), allow_unused=True)
             g = dict(zip(tr, gl))
         for p, gp in g.items():
-            if gp is not None:
+            if gp is None:
+                continue
+            if p in grads:
                 grads[p].add_(gp.float())
+            else:                        # the first micro-batch's gradient is the accumulator (no zero-fill)
+                grads[p] = gp.float() if gp.dtype != torch.float32 else gp
         acc += st.float()
+    for p in trainable:                  # leaves the loss does not reach (e.g. unused layers) get zeros
+        if p not in grads:
+            grads[p] = torch.zeros_like(flat[p], dtype=torch.float32)
+    grads = {p: grads[p] for p in trainable}
     return _finish(grads, acc, cfg, dist, par, n_total)
 
 
