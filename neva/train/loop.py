@@ -187,6 +187,8 @@ def train(exp: Experiment, params: Tree, batches: Iterator[dict], *, dist: Dist 
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(loss=f"{row['loss']:.3f}", refresh=False)
+            if exp.run.threads == 0 and step % 50 == 0:
+                pick_threads(0)              # other work on the CPU comes and goes: re-check
             if exp.checkpoint.every and step % exp.checkpoint.every == 0 and step < steps:
                 save(step)
                 last_saved = step
