@@ -23,6 +23,7 @@ the encoder and LLM frozen, then fine-tuning of projector + LLM on the questions
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from dataclasses import replace
@@ -137,7 +138,11 @@ def main(argv: list[str]) -> dict:
     t_start = time.time()
     recipe, argv = split_recipe(argv)
     base_exp = base()
-    exp = X.parse(argv, base_exp)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    exp = X.parse(argv, base_exp, world_size=world)
+    if world > 1:   # until the plan is wired in here (neva.parallel.runtime), never train N copies into one run.dir
+        raise X.ConfigError(f"launched with WORLD_SIZE={world}: this job does not run under a parallel plan yet; "
+                            "run it as a single process")
     if recipe == "llava":
         exp = X.validate(llava_recipe(exp))
     threads = loop.pick_threads(exp.run.threads)

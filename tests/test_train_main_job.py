@@ -102,3 +102,22 @@ def test_llava_recipe_from_hf_folders(workdir):
 def test_llava_recipe_needs_both_folders(workdir):
     with pytest.raises(job.X.ConfigError, match="needs model.vision.from_pretrained"):
         job.main(["--recipe", "llava", "model.vision.from_pretrained=/x"])
+
+
+def test_multi_process_launch_is_refused_until_the_plan_is_wired(workdir, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(job.X.ConfigError, match="WORLD_SIZE=2"):
+        job.main(SMALL + ["run.dir=runs/w"])
+    assert not (workdir / "runs/w").exists()
+
+
+def test_thread_choice():
+    from neva.train.loop import pick_threads
+    before = torch.get_num_threads()
+    try:
+        assert pick_threads(1) == 1 and torch.get_num_threads() == 1
+        import os
+        n = pick_threads(0)
+        assert n == torch.get_num_threads() and n in (1, len(os.sched_getaffinity(0)))
+    finally:
+        torch.set_num_threads(before)
