@@ -17,7 +17,6 @@ import warnings
 from dataclasses import replace
 from pathlib import Path
 
-import torch
 import torch.distributed.checkpoint as dcp
 
 from neva import experiment as X

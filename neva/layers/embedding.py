@@ -1,7 +1,6 @@
 """Token embedding (vocab-parallel under TP) and ViT patch embedding."""
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor
 

@@ -24,7 +24,6 @@ from torch import Tensor
 from neva import llm, model
 from neva.config import ModelConfig
 from neva.params import flatten, unflatten
-from neva.parallel import comm
 from neva.parallel.comm import Dist
 
 SCHEDULES = ("1f1b", "gpipe")
