@@ -32,13 +32,15 @@ from pathlib import Path
 import torch
 
 from neva import experiment as X
-from neva import model
 from neva.config import LLMConfig, ModelConfig, ProjectorConfig, VisionConfig
-from neva.data import DataConfig, NevaDataset, build_loader
+from neva.data import DataConfig, build_loader
 from neva.data import synthetic, tokenizers
 from neva.params import flatten, unflatten
+from neva.export import base_params, sources
+from neva.parallel import runtime
+from neva.train import checkpoint as ckpt
 from neva.train import lora as lora_mod
-from neva.train import loop, qa_eval, report
+from neva.train import loop, optim, qa_eval, report
 from neva.train.step import TrainState
 
 DATA = "data/synthetic"
@@ -108,30 +110,22 @@ def ensure_data(exp: X.Experiment) -> None:
     print("  " + ", ".join(f"{k}={v}" for k, v in counts.items()))
 
 
-def initial_params(exp: X.Experiment) -> tuple[ModelConfig, dict]:
-    cfg = exp.model
-    if cfg.vision.from_pretrained or cfg.llm.from_pretrained:
-        from neva import hf
-        if not (cfg.vision.from_pretrained and cfg.llm.from_pretrained):
-            raise X.ConfigError("set both model.vision.from_pretrained and model.llm.from_pretrained (or neither)")
-        loaded, params = hf.load_parts(cfg.vision.from_pretrained, cfg.llm.from_pretrained, cfg.projector.kind,
-                                       seed=exp.train.seed, select_layer=cfg.vision.select_layer,
-                                       select_feature=cfg.vision.select_feature)
-        cfg, params = report.add_image_token(loaded, params)
-    else:
-        params = model.init_params(cfg, seed=exp.train.seed)
-    if exp.train.lora:
-        params = lora_mod.add(params, lora_mod.LoraConfig(exp.train.lora, exp.train.lora_rank, exp.train.lora_alpha,
-                                                          exp.train.seed))
-    return cfg, params
-
-
-def plain_params(exp: X.Experiment, state: TrainState) -> dict:
-    """fp32 params for evaluation and export: masters where there are any, LoRA merged."""
+def plain_params(exp: X.Experiment, state: TrainState, merge_lora: bool = True) -> dict:
+    """fp32 params (this rank's leaves) for evaluation and export: masters where there are any,
+    LoRA merged unless ``merge_lora=False`` (between stages, where LoRA keeps training)."""
     flat = {p: v.float() for p, v in flatten(state.params).items()}
     flat.update(state.opt_state.get("master", {}))
     params = unflatten(flat)
-    return lora_mod.merge(params, exp.train.lora_alpha / exp.train.lora_rank) if exp.train.lora else params
+    if exp.train.lora and merge_lora:
+        return lora_mod.merge(params, exp.train.lora_alpha / exp.train.lora_rank)
+    return params
+
+
+def frozen_base(exp: X.Experiment, params: dict, setup) -> dict | None:
+    """Checkpoints leave out the leaves a stage does not train when they come from HF folders."""
+    if not (exp.model.vision.from_pretrained or exp.model.llm.from_pretrained):
+        return None
+    return ckpt.frozen_info(params, optim.trainable_paths(params, setup.opt), sources(exp))
 
 
 def main(argv: list[str]) -> dict:
@@ -140,41 +134,52 @@ def main(argv: list[str]) -> dict:
     base_exp = base()
     world = int(os.environ.get("WORLD_SIZE", "1"))
     exp = X.parse(argv, base_exp, world_size=world)
-    if world > 1:   # until the plan is wired in here (neva.parallel.runtime), never train N copies into one run.dir
-        raise X.ConfigError(f"launched with WORLD_SIZE={world}: this job does not run under a parallel plan yet; "
-                            "run it as a single process")
     if recipe == "llava":
         exp = X.validate(llava_recipe(exp))
     threads = loop.pick_threads(exp.run.threads)
-    ensure_data(exp)
+    ensure_data(exp) if "LOCAL_RANK" not in os.environ or os.environ["LOCAL_RANK"] == "0" else None
     torch.manual_seed(exp.train.seed)
-    cfg, params = initial_params(exp)
+    cfg, params = base_params(exp)                 # full on every rank; big HF models: par.hf_slices
     exp = replace(exp, model=cfg)
+    pc = exp.parallel
+    par = runtime.setup(cfg, pc.tp, pc.pp, pc.ep, pc.sp, schedule=pc.pp_schedule)
+    if not par.single:
+        torch.distributed.barrier()                # rank 0 may have been writing the dataset
+    say = print if par.main else (lambda *a, **k: None)
     run_dir = Path(exp.run.dir)
     tok = tokenizers.load(exp.data.tokenizer)
-    print(f"model: {report.describe_model(cfg, params)}; {threads} thread(s)")
+    say(f"model: {report.describe_model(cfg, params)}; {threads} thread(s)")
+    if not par.single:
+        say(par.plan.summary(cfg, par.specs))
+    rank, world_data = par.dist.data_rank, par.dist.data_size
     t = exp.train
     offset = 0
+    local = par.shard(params)
     if t.pretrain_steps:
         pre_data = replace(exp.data, data_path=t.pretrain_data or exp.data.data_path, template=t.pretrain_template)
         pre = replace(exp, data=pre_data, train=replace(t, lr=t.pretrain_lr or t.lr, warmup=min(t.warmup, t.pretrain_steps // 4)))
         groups = X.optimizer_groups(replace(pre, train=replace(pre.train, freeze=t.pretrain_freeze)))
-        setup = loop.make_setup(pre, steps=t.pretrain_steps, groups=groups)
-        loader = build_loader(pre_data, cfg, tok=tok, progress=exp.run.progress)
-        res = loop.train(pre, params, loader, setup=setup, steps=t.pretrain_steps, tag="pretrain", desc="stage 1 (captions)")
-        params = plain_params(exp, res.state)
+        setup = loop.make_setup(pre, steps=t.pretrain_steps, groups=groups, par=par)
+        loader = build_loader(pre_data, cfg, tok=tok, progress=exp.run.progress and par.main, rank=rank, world=world_data)
+        res = loop.train(pre, local, loader, setup=setup, steps=t.pretrain_steps, tag="pretrain", desc="stage 1 (captions)",
+                         par=par, frozen=frozen_base(exp, params, setup))
+        local = plain_params(exp, res.state, merge_lora=False)
         offset = t.pretrain_steps
-    loader = build_loader(exp.data, cfg, tok=tok, progress=exp.run.progress)
+    loader = build_loader(exp.data, cfg, tok=tok, progress=exp.run.progress and par.main, rank=rank, world=world_data)
     eval_sets = report.eval_sets(exp, cfg, tok)
     priors = qa_eval.prior_answers(qa_eval.training_answers(loader.ds.records))
 
     def eval_fn(p: dict, step: int) -> dict:
-        return report.eval_rows(p, cfg, eval_sets, priors, exp, limit=exp.eval.max_samples or 200)
+        full = par.gather(p)                       # evaluation runs on rank 0, on the whole model
+        return report.eval_rows(full, cfg, eval_sets, priors, exp, limit=exp.eval.max_samples or 200) if par.main else {}
 
-    res = loop.train(exp, params, loader, eval_fn=eval_fn, tag="", step_offset=offset,
-                     desc="stage 2 (questions)" if offset else "train")
-    final = plain_params(exp, res.state)
+    setup = loop.make_setup(exp, par=par)
+    res = loop.train(exp, local, loader, eval_fn=eval_fn, tag="", step_offset=offset, setup=setup, par=par,
+                     frozen=frozen_base(exp, params, setup), desc="stage 2 (questions)" if offset else "train")
+    final = par.gather(plain_params(exp, res.state))
     t_train = time.time() - t_start
+    if not par.main:
+        return {}
     metrics = report.final_eval(final, cfg, eval_sets, priors, exp)
     metrics.update(recipe=recipe, seed=t.seed, steps=t.steps, pretrain_steps=t.pretrain_steps,
                    train_seconds=round(t_train, 1), precision=t.precision,

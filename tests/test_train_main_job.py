@@ -104,11 +104,36 @@ def test_llava_recipe_needs_both_folders(workdir):
         job.main(["--recipe", "llava", "model.vision.from_pretrained=/x"])
 
 
-def test_multi_process_launch_is_refused_until_the_plan_is_wired(workdir, monkeypatch):
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    with pytest.raises(job.X.ConfigError, match="WORLD_SIZE=2"):
-        job.main(SMALL + ["run.dir=runs/w"])
-    assert not (workdir / "runs/w").exists()
+def _torchrun(workdir, nproc, *args):
+    import os
+    import subprocess
+    script = Path(job.__file__)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+           str(script), *SMALL, *args]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    out = subprocess.run(cmd, cwd=workdir, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    return out
+
+
+def test_main_job_under_torchrun_and_resumed_in_another_layout(workdir):
+    """torchrun with tp2 x pp2 on 4 processes: one run.dir, the same metrics rows as a single process,
+    a checkpoint that records its layout; then resumed in one process, it carries on from there."""
+    common = ["train.warmup=1", "checkpoint.every=2", "eval.max_samples=4", "train.precision=fp32",
+              "checkpoint.keep_last=3", "run.dir=runs/tp"]
+    out = _torchrun(workdir, 4, "parallel.tp=2", "parallel.pp=2", "train.steps=2", "train.grad_accum=2", *common)
+    assert "plan pp2xtp2" in out.stdout                     # the plan summary, printed once
+    run = workdir / "runs/tp"
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2]              # one writer, not four
+    single = job.main(SMALL + ["train.steps=1", "run.dir=runs/one", "train.precision=fp32", "eval.max_samples=4"])
+    one = json.loads((workdir / "runs/one/metrics.jsonl").read_text().splitlines()[0])
+    assert set(rows[0]) == set(one)                         # the same format in every layout
+    assert ckpt.check_complete(ckpt.latest(run / "checkpoints"))["layout"] == "pp2xtp2"
+    assert (run / "metrics.json").exists() and (run / "hf" / "config.json").exists()
+    job.main(SMALL + ["train.steps=3", "train.resume=auto", "train.grad_accum=2", *common[:-1], "run.dir=runs/tp"])
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3]
 
 
 def test_thread_choice():

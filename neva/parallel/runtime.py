@@ -45,6 +45,7 @@ class Parallel:
     dist: Dist
     specs: dict
     rank: int = 0
+    schedule: str = "1f1b"     # pipeline schedule: 1f1b | gpipe
 
     @property
     def layout(self) -> Layout:
@@ -171,7 +172,7 @@ class Parallel:
 
 
 def setup(cfg: ModelConfig, tp: int = 1, pp: int = 1, ep: int = 1, sp: bool = False,
-          overrides: tuple = ()) -> Parallel:
+          overrides: tuple = (), schedule: str = "1f1b") -> Parallel:
     """The plan for this launch: ``torchrun`` sets the world size and dp is what is left; a plan that
     does not fit the world or the model is an error here, before any work."""
     world = 1
@@ -183,4 +184,7 @@ def setup(cfg: ModelConfig, tp: int = 1, pp: int = 1, ep: int = 1, sp: bool = Fa
     plan.validate(cfg, specs, world)
     dist, _ = mesh.build(plan.layout)
     dist = replace(dist, replicate=plan.replicated_parts(specs))
-    return Parallel(cfg, plan, dist, specs, tdist.get_rank() if tdist.is_initialized() else 0)
+    from neva.parallel.pipeline import SCHEDULES
+    if schedule not in SCHEDULES:
+        raise ValueError(f"parallel.pp_schedule={schedule!r}: use one of {SCHEDULES}")
+    return Parallel(cfg, plan, dist, specs, tdist.get_rank() if tdist.is_initialized() else 0, schedule)

@@ -238,6 +238,10 @@ def load(path: str | Path, state: TrainState, par=None, frozen: dict | None = No
     have = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
     missing = [k for k in sd if k not in have]
     extra = [k for k in have if k not in sd]
+    if par is not None and par.layout.pp > 1:  # other stages' leaves are theirs to load
+        from neva.parallel.dtensor import leaf_of
+        model_leaves = set(par.placements())
+        extra = [k for k in extra if (leaf_of(k) or "").split("_lora_")[0] not in model_leaves]
     if missing or extra:
         raise CheckpointError(
             f"checkpoint {path} does not fit this model/optimizer: missing {missing[:6]}"

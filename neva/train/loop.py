@@ -64,8 +64,10 @@ def is_main() -> bool:
     return not (tdist.is_available() and tdist.is_initialized()) or tdist.get_rank() == 0
 
 
-def make_setup(exp: Experiment, dist: Dist = LOCAL, steps: int | None = None, groups: tuple | None = None) -> StepSetup:
-    """The StepSetup an experiment's ``train`` section describes (LoRA freezes all but its leaves)."""
+def make_setup(exp: Experiment, dist: Dist = LOCAL, steps: int | None = None, groups: tuple | None = None,
+               par=None) -> StepSetup:
+    """The StepSetup an experiment's ``train`` section describes (LoRA freezes all but its leaves);
+    ``par`` (neva.parallel.runtime.Parallel) runs it under a parallel plan."""
     t = exp.train
     gs = optimizer_groups(exp) if groups is None else groups
     prepare = None
@@ -76,8 +78,10 @@ def make_setup(exp: Experiment, dist: Dist = LOCAL, steps: int | None = None, gr
     opt = optim.AdamW(lr=t.lr, betas=t.betas, weight_decay=t.weight_decay, clip=t.clip, warmup=t.warmup,
                       total=steps or t.steps, min_lr_ratio=t.min_lr_ratio, groups=gs)
     remat = RematPolicy(t.remat, t.remat_layers) if t.remat != "none" else None
+    if par is not None and not par.single:
+        dist = par.dist
     return StepSetup(exp.model, opt.validate(), precision=t.precision, dist=dist, mode=t.mode, remat=remat,
-                     max_bad_steps=t.max_bad_steps, prepare=prepare)
+                     max_bad_steps=t.max_bad_steps, prepare=prepare, par=None if par is None or par.single else par)
 
 
 class Metrics:
@@ -129,7 +133,8 @@ class Result:
     resumed_from: Path | None = None
 
 
-def train(exp: Experiment, params: Tree, batches: Iterator[dict], *, dist: Dist = LOCAL,
+def train(exp: Experiment, params: Tree, batches: Iterator[dict], *, dist: Dist = LOCAL, par=None,
+          frozen: dict | None = None,
           eval_fn: Callable[[Tree, int], dict] | None = None, setup: StepSetup | None = None,
           steps: int | None = None, run_dir: str | Path | None = None, desc: str = "train",
           tag: str = "", step_offset: int = 0) -> Result:
@@ -137,10 +142,14 @@ def train(exp: Experiment, params: Tree, batches: Iterator[dict], *, dist: Dist 
     (default ``train.steps``) on ``batches``. ``eval_fn(params, step) -> {name: number}`` runs every
     ``eval.every`` steps; its results join that step's metrics row. ``tag`` prefixes metric names
     and names its checkpoint folder (a stage of a multi-stage recipe); ``step_offset`` shifts the
-    ``step`` of its metrics rows so stages read as one curve."""
+    ``step`` of its metrics rows so stages read as one curve.
+
+    Under a parallel plan (``par``), ``params`` are this rank's local leaves (``par.shard``) and
+    ``batches`` this data rank's rows; checkpoints are sharded (any layout resumes them). ``frozen``
+    (``checkpoint.frozen_info``) leaves the frozen leaves out of checkpoints."""
     run_dir = Path(run_dir or exp.run.dir)
     steps = steps or exp.train.steps
-    setup = setup or make_setup(exp, dist, steps)
+    setup = setup or make_setup(exp, dist, steps, par=par)
     main = is_main()
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -149,7 +158,7 @@ def train(exp: Experiment, params: Tree, batches: Iterator[dict], *, dist: Dist 
     ck_dir = run_dir / "checkpoints" / tag if tag else run_dir / "checkpoints"
     start, resumed = 0, ckpt.resolve(exp.train.resume, ck_dir)
     if resumed is not None:
-        meta = ckpt.load(resumed, state)
+        meta = ckpt.load(resumed, state, par=setup.par, frozen=frozen)
         start = int(meta["step"])
         if meta.get("sampler") is not None and hasattr(batches, "load_state_dict"):
             batches.load_state_dict(meta["sampler"])
@@ -160,9 +169,11 @@ def train(exp: Experiment, params: Tree, batches: Iterator[dict], *, dist: Dist 
 
     def save(step: int) -> None:
         sampler = batches.state_dict() if hasattr(batches, "state_dict") else None
-        ckpt.save(ck_dir, step, state, {"sampler": sampler, "tag": tag}, keep_last=exp.checkpoint.keep_last)
+        ckpt.save(ck_dir, step, state, {"sampler": sampler, "tag": tag}, keep_last=exp.checkpoint.keep_last,
+                  par=setup.par, frozen=frozen)
 
     bar = _progress(exp, start, steps, desc, main)
+    n_data = setup.dist.data_size        # tokens/s of the whole step: every data rank reads as many
     step = start
     last_saved = start if resumed is not None else -1
     try:
@@ -175,12 +186,12 @@ def train(exp: Experiment, params: Tree, batches: Iterator[dict], *, dist: Dist 
                 row = train_step(state, split_batch(batch, exp.train.grad_accum, setup.cfg), setup)
             except NonFiniteLoss as e:       # the step is consumed (and logged) like any skipped one
                 step += 1
-                metrics.write(_finish_row(e.row, step + step_offset, n_tokens_in(batch), t_data, tag))
+                metrics.write(_finish_row(e.row, step + step_offset, n_tokens_in(batch) * n_data, t_data, tag))
                 raise
             step += 1
             if eval_fn is not None and exp.eval.every and step % exp.eval.every == 0 and step < steps:
                 row.update(eval_fn(state.params, step))
-            row = _finish_row(row, step + step_offset, n_tokens_in(batch), t_data, tag)
+            row = _finish_row(row, step + step_offset, n_tokens_in(batch) * n_data, t_data, tag)
             if step % exp.train.log_every == 0 or step == steps:
                 metrics.write(row)
             result.rows.append(row)

@@ -127,7 +127,7 @@ def compute_grads(params: Tree, cfg: ModelConfig, micro_batches: list[dict], dis
         from neva.parallel import pipeline
         grads, acc = pipeline.compute_grads(
             params, cfg, micro_batches, dist, par.stage, trainable=trainable, n_total=float(n_total),
-            n_micro_total=len(micro_batches) * dist.data_size, autocast=lambda: autocast(pol),
+            n_micro_total=len(micro_batches) * dist.data_size, schedule=par.schedule, autocast=lambda: autocast(pol),
             layer_kw=layer_kw, loss_scale=loss_scale, prepare=prepare)
         return _finish(grads, acc, cfg, dist, par, n_total)
     grads: dict[str, Tensor] = {}
