@@ -124,3 +124,104 @@ def test_hf_folder_loads_under_a_plan_reading_only_each_ranks_slices(gloo_pool, 
     res = gloo_pool.run(hf_sliced_load, Layout(tp=2, pp=2), str(tmp_path))
     assert all(r["same"] for r in res)
     assert all(r["read"] < 0.5 * r["full"] for r in res), [(r["read"], r["full"]) for r in res]
+
+
+KILL_SCRIPT = '''
+import os, sys, time, torch
+sys.path.insert(0, os.environ["HELPERS"])
+from dataclasses import replace
+from neva import experiment as X
+from neva.train import checkpoint as C, loop
+from train_helpers import batch, params, tiny_cfg
+
+orig = C.dcp.save
+def slow_save(sd, checkpoint_id):          # the test kills us inside the save of step PAUSE_AT
+    orig(sd, checkpoint_id=checkpoint_id)
+    if checkpoint_id.endswith(f"step_{int(os.environ.get('PAUSE_AT', -1)):08d}"):
+        open(os.environ["MARKER"], "w").close()
+        time.sleep(60)
+C.dcp.save = slow_save
+
+class Source:
+    def __init__(self, cfg): self.cfg, self.i = cfg, 0
+    def state_dict(self): return {"i": self.i}
+    def load_state_dict(self, d): self.i = d["i"]
+    def __iter__(self):
+        while True:
+            self.i += 1
+            yield batch(self.cfg, B=4, T=32, seed=self.i)
+
+cfg = tiny_cfg()
+exp = X.parse(sys.argv[1:], X.Experiment(model=cfg))
+loop.train(replace(exp, train=replace(exp.train, warmup=1, lr=3e-3)), params(cfg), Source(cfg))
+'''
+
+
+def test_kill_during_a_save_loses_at_most_one_interval(tmp_path):
+    """kill -9 while step 3's checkpoint is half written: the torn folder is never loaded, resume
+    starts from step 2 and the losses from there equal an uninterrupted run's."""
+    import json
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+    script = tmp_path / "kill_script.py"
+    script.write_text(KILL_SCRIPT)
+    env = dict(os.environ, HELPERS=str(Path(__file__).parent), OMP_NUM_THREADS="1", MARKER=str(tmp_path / "in_save"))
+    base = [sys.executable, str(script), "run.progress=false", "run.tensorboard=false", "train.steps=5",
+            "checkpoint.every=1", "checkpoint.keep_last=0"]
+    subprocess.run(base + [f"run.dir={tmp_path / 'a'}"], env=env, check=True, capture_output=True, timeout=300)
+    p = subprocess.Popen(base + [f"run.dir={tmp_path / 'b'}"], env=dict(env, PAUSE_AT="3"),
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    t0 = time.time()
+    while not (tmp_path / "in_save").exists():
+        assert p.poll() is None, p.stdout.read().decode()
+        assert time.time() - t0 < 120
+        time.sleep(0.05)
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    ck = tmp_path / "b" / "checkpoints"
+    assert (ck / ".tmp-step_00000003").exists() and not (ck / "step_00000003").exists()
+    assert ckpt.latest(ck).name == "step_00000002"
+    out = subprocess.run(base + [f"run.dir={tmp_path / 'b'}", "train.resume=auto"], env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0 and "at step 2" in out.stdout, out.stdout + out.stderr
+
+    def losses(d):
+        return {r["step"]: r["loss"] for r in map(json.loads, (d / "metrics.jsonl").read_text().splitlines())}
+    a, b = losses(tmp_path / "a"), losses(tmp_path / "b")
+    assert sorted(b) == [1, 2, 3, 4, 5]
+    assert [b[s] for s in range(1, 6)] == pytest.approx([a[s] for s in range(1, 6)], rel=1e-6)
+
+
+def test_frozen_base_is_left_out_and_checked(tmp_path):
+    """With frozen leaves (a projector-pretraining stage) checkpoints store only what trains and the
+    base's hash; resuming on another base, or with none, is an error naming the recorded sources."""
+    import torch
+    from neva.params import flatten
+    from neva.train import optim
+    from neva.train import step as S
+    from train_helpers import batch, params, tiny_cfg
+    cfg = tiny_cfg()
+    opt = optim.AdamW(lr=1e-3, groups=(optim.Group(r"^(vision|llm)/", frozen=True),))
+    setup = S.StepSetup(cfg, opt)
+    base = params(cfg)
+    st = S.init_state({k: v for k, v in base.items()}, setup)
+    frozen = ckpt.frozen_info(base, st.trainable, {"vision": "/models/siglip", "llm": "/models/mixtral"})
+    S.train_step(st, [batch(cfg)], setup)
+    path = ckpt.save(tmp_path, 1, st, frozen=frozen)
+    from torch.distributed.checkpoint import FileSystemReader
+    keys = FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    assert not any(k.startswith(("params/vision/", "params/llm/")) for k in keys)
+    assert any(k.startswith("params/projector/") for k in keys)
+    fresh = S.init_state(params(cfg), setup)                          # the same base: fine
+    ckpt.load(path, fresh, frozen=frozen)
+    assert torch.equal(flatten(fresh.params)["projector/fc1/w"], flatten(st.params)["projector/fc1/w"])
+    other = params(cfg, seed=5)
+    changed = ckpt.frozen_info(other, st.trainable, {"vision": "/models/other", "llm": "/models/mixtral"})
+    with pytest.raises(ckpt.CheckpointError, match="/models/siglip"):
+        ckpt.load(path, S.init_state(other, setup), frozen=changed)
+    with pytest.raises(ckpt.CheckpointError, match="stores only the trained leaves"):
+        ckpt.load(path, S.init_state(params(cfg), setup), frozen=None)
