@@ -93,11 +93,12 @@ def _split(x: Tensor, dim: int, group: Group, rank) -> Tensor:
 
 
 def _reduce_scatter(x: Tensor, dim: int, group: Group, rank) -> Tensor:
-    if tdist.get_backend(group) == "nccl" and dim == 0:
+    if tdist.get_backend(group) == "nccl":
         n = _size(group)
-        out = x.new_empty((x.shape[0] // n,) + tuple(x.shape[1:]))
-        tdist.reduce_scatter_single(out, x.contiguous(), group=group)
-        return out
+        x0 = x.movedim(dim, 0).contiguous()
+        out = x0.new_empty((x0.shape[0] // n,) + tuple(x0.shape[1:]))
+        tdist.reduce_scatter_single(out, x0, group=group)
+        return out.movedim(0, dim)
     # gloo has no reduce-scatter: all-reduce, keep our chunk (same numbers, more bytes)
     return _split(_all_reduce(x, group), dim, group, rank)
 
