@@ -80,7 +80,7 @@ def normalize_batch(cfg: ModelConfig, batch: dict, dist: Dist = LOCAL) -> dict:
     am, seg = batch.get("attention_mask"), batch.get("segment_ids")
     pos = batch.get("position_ids")
     if pos is None:
-        pos = (am.long().cumsum(-1) - 1).clamp_min(0) if am is not None else torch.arange(T).expand(B, T)
+        pos = (am.long().cumsum(-1) - 1).clamp_min(0) if am is not None else torch.arange(T, device=ids.device).expand(B, T)
     out = dict(batch, position_ids=pos, seq_len=T)
     out["needs_mask"] = am is not None or seg is not None or (
         cfg.llm.sliding_window is not None and cfg.llm.sliding_window < T)
@@ -103,7 +103,7 @@ def context(cfg: ModelConfig, nb: dict, dist: Dist = LOCAL, dtype: torch.dtype =
     am, seg = nb.get("attention_mask"), nb.get("segment_ids")
     mask = None
     if nb["needs_mask"]:
-        idx = torch.arange(T).expand(B, T)
+        idx = torch.arange(T, device=ids.device).expand(B, T)
         mask = make_mask(idx, idx, causal=True, window=lc.sliding_window, q_seg=seg, k_seg=seg,
                          k_valid=None if am is None else am.bool())
     valid = None if am is None else am.bool()

@@ -83,7 +83,7 @@ def dispatch_sorted(p: dict, x_nd: Tensor, topw_nk: Tensor, topi_nk: Tensor, dis
         recv_ec = comm.all_to_all_counts(send_ec, dist.ep)               # rows: source rank
         send, recv = send_ec.sum(1).tolist(), recv_ec.sum(1).tolist()
         xr = comm.all_to_all(xs, send, recv, dist.ep)                    # by source, then local expert
-        expert_of_row = torch.arange(e_local).repeat(dist.ep_size).repeat_interleave(recv_ec.reshape(-1))
+        expert_of_row = torch.arange(e_local, device=xs.device).repeat(dist.ep_size).repeat_interleave(recv_ec.reshape(-1))
         regroup = torch.argsort(expert_of_row, stable=True)
         yr = _experts(p["w1"], p["w3"], p["w2"], xr[regroup], recv_ec.sum(0).tolist())
         yr = yr[torch.argsort(regroup)]

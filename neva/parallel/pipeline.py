@@ -55,8 +55,8 @@ class _P2P:
         t = t.detach().contiguous()
         self.pending.append((tdist.isend(t, dst=to, group=self.dist.pp), t))
 
-    def recv(self, shape: tuple, dtype: torch.dtype, frm: int) -> Tensor:
-        buf = torch.empty(shape, dtype=dtype)
+    def recv(self, shape: tuple, dtype: torch.dtype, frm: int, device=None) -> Tensor:
+        buf = torch.empty(shape, dtype=dtype, device=device)
         tdist.recv(buf, src=frm, group=self.dist.pp)
         return buf
 
@@ -79,12 +79,13 @@ def compute_grads(params: dict, cfg: ModelConfig, micro_batches: list[dict], dis
     flat = flatten(params)
     tr = {p: flat[p].detach().requires_grad_() for p in trainable}
     frozen = {p: v for p, v in flat.items() if p not in tr}
-    dtype = next(v for p, v in flat.items() if p.startswith("llm/layers/")).dtype
+    lead = next(v for p, v in flat.items() if p.startswith("llm/layers/"))
+    dtype, device = lead.dtype, lead.device
     p2p = _P2P(dist)
     ctxmgr = autocast or (lambda: torch.autocast("cpu", enabled=False))
     layer_kw = layer_kw or {}
     saved: dict[int, tuple] = {}
-    stats = torch.zeros(4)
+    stats = torch.zeros(4, device=device)
 
     def forward(m: int) -> None:
         nb = model.normalize_batch(cfg, micro_batches[m], dist)
@@ -96,7 +97,7 @@ def compute_grads(params: dict, cfg: ModelConfig, micro_batches: list[dict], dis
             if first:
                 x_in, x = None, model.embed_inputs(p, cfg, nb, dist)
             else:
-                x_in = p2p.recv(shape, dtype, p2p.prev).requires_grad_()
+                x_in = p2p.recv(shape, dtype, p2p.prev, device).requires_grad_()
                 x = x_in
             ctx = model.context(cfg, nb, dist, x.dtype)
             x, aux, z = llm.layers(p["llm"], x, ctx, cfg.llm, dist, stage_ids, moe_dispatch=cfg.moe_dispatch, **layer_kw)
@@ -119,7 +120,7 @@ def compute_grads(params: dict, cfg: ModelConfig, micro_batches: list[dict], dis
         outs, grads_out = [loss * loss_scale], [None]
         if not last:
             outs.append(x_out)
-            grads_out.append(p2p.recv(tuple(x_out.shape), dtype, p2p.next).to(x_out.dtype))
+            grads_out.append(p2p.recv(tuple(x_out.shape), dtype, p2p.next, device).to(x_out.dtype))
         keep = [(o, g) for o, g in zip(outs, grads_out) if o.requires_grad]
         if keep:
             torch.autograd.backward([o for o, _ in keep], [g for _, g in keep])
