@@ -83,3 +83,19 @@ def test_training_steps_match_single_process(gloo_pool, layout, grad_accum):
     assert got["grad_norms"] == pytest.approx(ref["grad_norms"], rel=1e-5)
     # Adam divides by sqrt(v): leaves with ~0 gradients amplify rounding noise in their updates
     assert max_rel_err(ref["params"], got["params"]) < 2e-3
+
+
+@pytest.mark.parametrize("layout", [Layout(tp=2, pp=2), Layout(tp=2, dp=2, sp=True)], ids=str)
+def test_lora_under_a_plan_matches_single_process(gloo_pool, layout):
+    """LoRA factors follow their weight's sharding (a by its input dim, b by its output dim); a factor
+    replicated over tp multiplies a tp-sharded slice, so its gradient is summed over tp."""
+    from neva.parallel.testing import max_rel_err, train_losses
+    cfg = _main_like_cfg()
+    params = model.init_params(cfg, 3)
+    batches = [_batch() for _ in range(2)]
+    ref = train_losses(None, layout, cfg, params, batches, 2 // (layout.dp * layout.ep), lora="all")
+    got = gloo_pool.run(train_losses, layout, cfg, params, batches, 2 // (layout.dp * layout.ep), 1e-3, 1.0,
+                        "fp32", "all")[0]
+    assert got["losses"] == pytest.approx(ref["losses"], rel=1e-5)
+    assert got["grad_norms"] == pytest.approx(ref["grad_norms"], rel=1e-5)
+    assert max_rel_err(ref["params"], got["params"]) < 2e-3

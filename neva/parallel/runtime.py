@@ -130,8 +130,9 @@ class Parallel:
         pl = self.placements(grads)
         sync_grads(grads, pl, self.dist)
         # a LoRA factor replicated over tp multiplies a tp-sharded weight slice: its gradient is partial
+        # (under SP the LLM's tp-replicated leaves were summed over tp already)
         partial = [g for p, g in grads.items() if _LORA.match(p) and "tp" not in pl[p]
-                   and "tp" in pl[_LORA.match(p).group(1)]]
+                   and "tp" in pl[_LORA.match(p).group(1)] and not (self.dist.sp and p.startswith("llm/"))]
         if partial and self.dist.tp is not None:
             from neva.parallel.grads import _bucket_all_reduce
             _bucket_all_reduce(partial, self.dist.tp)

@@ -309,26 +309,36 @@ def pool_check(rank: int, plan: Plan, cfg: ModelConfig, params: dict, batch: dic
 
 
 def train_losses(rank: int | None, layout: Layout | None, cfg: ModelConfig, params: dict, batches: list[dict],
-                 grad_accum: int = 1, lr: float = 1e-3, clip: float = 1.0, precision: str = "fp32") -> dict:
+                 grad_accum: int = 1, lr: float = 1e-3, clip: float = 1.0, precision: str = "fp32",
+                 lora: str = "") -> dict:
     """Train on ``batches`` (global batches) with the real training step, under ``layout`` in a pool
     job (``rank`` given) or in one process (``rank=None``: the reference, which accumulates over
     data ranks x ``grad_accum`` micro-batches so both see the same split). -> on rank 0 / the
-    reference {"losses": [...], "grad_norms": [...], "params": final full tree}; None elsewhere."""
+    reference {"losses": [...], "grad_norms": [...], "params": final full tree}; None elsewhere.
+    ``lora``: a LoRA preset (the base frozen, LoRA leaves trained and merged in the forward)."""
+    from neva.train import lora as lora_mod
     from neva.train import optim
     from neva.train.step import StepSetup, init_state, split_batch as micro_split, train_step
     from neva.parallel import runtime
 
-    opt = optim.AdamW(lr=lr, weight_decay=0.01, clip=clip, warmup=0, total=len(batches))
+    opt = optim.AdamW(lr=lr, weight_decay=0.01, clip=clip, warmup=0, total=len(batches),
+                      groups=lora_mod.groups() if lora else ())
+    prepare = None
+    if lora:
+        lc = lora_mod.LoraConfig(lora, rank=4, alpha=8.0)
+        params = lora_mod.add(params, lc)
+        params = unflatten({p: (v + 0.01 if p.endswith("_lora_b") else v) for p, v in flatten(params).items()})
+        prepare = lambda p: lora_mod.materialize(p, lc.scale)  # noqa: E731
     if rank is None:
         n = layout.dp * layout.ep * grad_accum if layout else grad_accum
-        setup = StepSetup(cfg, opt, precision=precision)
+        setup = StepSetup(cfg, opt, precision=precision, prepare=prepare)
         state = init_state(unflatten({p: v.clone() for p, v in flatten(params).items()}), setup)  # it updates in place
         rows = [train_step(state, micro_split(b, n, cfg), setup) for b in batches]
         full = state.params
     else:
         par = runtime.setup(cfg, tp=layout.tp, pp=layout.pp, ep=layout.ep, sp=layout.sp)
         assert par.layout == layout, (par.layout, layout)
-        setup = StepSetup(cfg, opt, precision=precision, dist=par.dist, par=par)
+        setup = StepSetup(cfg, opt, precision=precision, dist=par.dist, par=par, prepare=prepare)
         state = init_state(unflatten({p: v.clone() for p, v in flatten(par.shard(params)).items()}), setup)
         d = par.dist
         rows = [train_step(state, micro_split(split_batch(b, cfg, d.data_size, _data_index(layout, rank)),
