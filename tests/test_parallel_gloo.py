@@ -8,6 +8,7 @@ from hypothesis import strategies as st
 
 from neva import model
 from neva.config import ModelConfig, tiny_llm, tiny_vision
+from neva.params import flatten
 from neva.parallel.plan import Layout, Plan
 from neva.parallel.testing import pool_check
 from parallel_cases import cases
@@ -99,3 +100,20 @@ def test_lora_under_a_plan_matches_single_process(gloo_pool, layout):
     assert got["losses"] == pytest.approx(ref["losses"], rel=1e-5)
     assert got["grad_norms"] == pytest.approx(ref["grad_norms"], rel=1e-5)
     assert max_rel_err(ref["params"], got["params"]) < 2e-3
+
+
+@pytest.mark.parametrize("precision", ["bf16_o2", "fp16"])
+def test_mixed_precision_under_a_plan(gloo_pool, precision):
+    """bf16 params with fp32 masters, and fp16 with loss scaling, train under tp2 x pp2 like one
+    process does (bf16 rounding differs with the reduction order: loose tolerance)."""
+    from neva.parallel.testing import train_losses
+    cfg = _main_like_cfg()
+    params = model.init_params(cfg, 4)
+    batches = [_batch() for _ in range(3)]
+    lay = Layout(tp=2, pp=2)
+    ref = train_losses(None, lay, cfg, params, batches, 2, 1e-3, 1.0, precision)
+    got = gloo_pool.run(train_losses, lay, cfg, params, batches, 2, 1e-3, 1.0, precision)[0]
+    assert got["losses"] == pytest.approx(ref["losses"], rel=2e-2)
+    assert got["losses"][-1] < got["losses"][0]
+    assert {v.dtype for v in flatten(got["params"]).values()} == {
+        torch.bfloat16 if precision == "bf16_o2" else torch.float32}
