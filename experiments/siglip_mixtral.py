@@ -142,7 +142,7 @@ def main(argv: list[str]) -> dict:
     cfg, params = base_params(exp)                 # full on every rank; big HF models: par.hf_slices
     exp = replace(exp, model=cfg)
     pc = exp.parallel
-    par = runtime.setup(cfg, pc.tp, pc.pp, pc.ep, pc.sp, schedule=pc.pp_schedule)
+    par = runtime.setup(cfg, pc.tp, pc.pp, pc.ep, pc.sp, schedule=pc.pp_schedule, zero1=pc.zero1)
     if not par.single:
         torch.distributed.barrier()                # rank 0 may have been writing the dataset
     say = print if par.main else (lambda *a, **k: None)
@@ -151,6 +151,8 @@ def main(argv: list[str]) -> dict:
     say(f"model: {report.describe_model(cfg, params)}; {threads} thread(s)")
     if not par.single:
         say(par.plan.summary(cfg, par.specs))
+        if pc.zero1 and par.layout.dp > 1:
+            say(f"ZeRO-1: the optimizer state of each leaf on one of the {par.layout.dp} dp ranks")
     rank, world_data = par.dist.data_rank, par.dist.data_size
     t = exp.train
     offset = 0

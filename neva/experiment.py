@@ -83,6 +83,7 @@ class ParallelConfig:
     ep: int = 1
     sp: bool = False
     pp_schedule: str = "1f1b"       # gpipe | 1f1b
+    zero1: bool = False             # optimizer state (moments, fp32 masters) split over dp ranks (ZeRO-1)
 
 
 @dataclass(frozen=True)

@@ -67,6 +67,19 @@ def test_single_process_then_ep2_tp2_sp(gloo_pool, run_data, uninterrupted, tmp_
     assert first + rest == pytest.approx(uninterrupted, rel=1e-5)
 
 
+def test_zero1_checkpoints_resume_without_it_and_back(gloo_pool, gloo_pool2, run_data, uninterrupted, tmp_path):
+    """ZeRO-1 state (each leaf's moments on one dp rank) written under dp2 x tp2 resumes in one
+    process; a single-process checkpoint resumes under dp2 with ZeRO-1; both continue the same run."""
+    cfg, params, batches = run_data
+    a, b = tmp_path / "a", tmp_path / "b"
+    first = gloo_pool.run(train_segment, Layout(dp=2, tp=2), cfg, params, batches, 0, N, str(a), 2, 1e-3, True)[0]
+    assert first == pytest.approx(uninterrupted[:N], rel=1e-5)
+    assert train_segment(None, None, cfg, params, batches, N, 2 * N, str(a)) == pytest.approx(uninterrupted[N:], rel=1e-5)
+    train_segment(None, None, cfg, params, batches, 0, N, str(b))
+    rest = gloo_pool2.run(train_segment, Layout(dp=2), cfg, params, batches, N, 2 * N, str(b), 2, 1e-3, True)[0]
+    assert rest == pytest.approx(uninterrupted[N:], rel=1e-5)
+
+
 def test_corrupt_shard_is_named_and_skipped(run_data, tmp_path):
     cfg, params, batches = run_data
     train_segment(None, None, cfg, params, batches, 0, 1, str(tmp_path))

@@ -117,3 +117,29 @@ def test_mixed_precision_under_a_plan(gloo_pool, precision):
     assert got["losses"][-1] < got["losses"][0]
     assert {v.dtype for v in flatten(got["params"]).values()} == {
         torch.bfloat16 if precision == "bf16_o2" else torch.float32}
+
+
+@pytest.mark.parametrize("layout,precision", [(Layout(dp=4), "fp32"), (Layout(dp=2, tp=2), "bf16_o2"),
+                                              (Layout(dp=2, pp=2), "fp32")], ids=str)
+def test_zero1_splits_optimizer_state_and_trains_the_same(gloo_pool, layout, precision):
+    """ZeRO-1: each dp rank keeps the moments (and fp32 masters) of a disjoint share of the leaves,
+    updates those and broadcasts them; the losses and final params are those of the run without it."""
+    from neva.parallel.testing import max_rel_err, train_losses
+    cfg = _main_like_cfg()
+    params = model.init_params(cfg, 5)
+    batches = [_batch() for _ in range(3)]
+    ref = gloo_pool.run(train_losses, layout, cfg, params, batches, 1, 1e-3, 1.0, precision)[0]
+    got = gloo_pool.run(train_losses, layout, cfg, params, batches, 1, 1e-3, 1.0, precision, "", True)
+    assert got[0]["losses"] == pytest.approx(ref["losses"], rel=1e-6 if precision == "fp32" else 1e-3)
+    assert max_rel_err(ref["params"], got[0]["params"]) < (1e-6 if precision == "fp32" else 1e-2)
+    # every rank with the same (pp, tp, ep) coordinates: the dp ranks split its leaves, each exactly once
+    groups: dict = {}
+    for r, res in enumerate(got):
+        c = layout.coords(r)
+        groups.setdefault((c["pp"], c["tp"], c["ep"]), []).append(res)
+    for members in groups.values():
+        leaves = [set(m["opt_leaves"]) for m in members]
+        assert len(members) == layout.dp and all(leaves)
+        assert sum(len(s) for s in leaves) == len(set().union(*leaves))          # disjoint
+        sizes = [m["opt_numel"] for m in members]
+        assert max(sizes) < 0.75 * sum(sizes)                                   # balanced, not all on one

@@ -6,6 +6,9 @@ measure the global gradient norm, and gather params whole for evaluation and exp
     ... grads -> par.sync(grads); norm = par.norm(grads) ...
     full = par.gather(local)                               # on rank 0 (None elsewhere)
 
+With ``zero1=True`` each dp rank keeps the optimizer state of a share of the leaves (``owned``),
+updates those and broadcasts them (``share_updates``); gradients are still all-reduced whole.
+
 Without torchrun (or with a world of 1) everything here is the identity.
 """
 from __future__ import annotations
@@ -46,6 +49,7 @@ class Parallel:
     specs: dict
     rank: int = 0
     schedule: str = "1f1b"     # pipeline schedule: 1f1b | gpipe
+    zero1: bool = False        # optimizer state split over dp: each leaf's state on one dp rank
 
     @property
     def layout(self) -> Layout:
@@ -154,6 +158,44 @@ class Parallel:
             total = total + s
         return comm.all_reduce_nograd(total, self.dist.pp)
 
+    # ---------------------------------------------------------------- ZeRO-1
+    def owners(self, local: dict[str, Tensor], trainable: list[str]) -> dict[str, int]:
+        """ZeRO-1: the dp coordinate that keeps each trainable leaf's optimizer state and updates it.
+        Whole leaves, greedily balanced by size (as torch's ZeroRedundancyOptimizer partitions); every
+        rank of a dp group holds the same local shapes, so they all compute the same assignment."""
+        dp = self.layout.dp if self.zero1 else 1
+        load, out = [0] * dp, {}
+        for p in sorted(trainable, key=lambda p: (-local[p].numel(), p)):
+            c = min(range(dp), key=lambda i: (load[i], i))
+            out[p] = c
+            load[c] += local[p].numel()
+        return out
+
+    def owned(self, local: dict[str, Tensor], trainable: list[str]) -> set[str] | None:
+        """The trainable leaves whose optimizer state this rank keeps (None: all of them)."""
+        if not self.zero1 or self.layout.dp == 1:
+            return None
+        me = self.layout.coords(self.rank)["dp"]
+        return {p for p, c in self.owners(local, trainable).items() if c == me}
+
+    def share_updates(self, params: dict, trainable: list[str]) -> None:
+        """ZeRO-1, after the optimizer step: each dp rank broadcasts the leaves it updated, one
+        flat bucket per owner and dtype, so every replica holds the new values."""
+        if self.owned(flatten(params), trainable) is None:
+            return
+        flat = flatten(params)
+        by: dict[tuple, list[Tensor]] = {}
+        for p, c in self.owners(flat, trainable).items():
+            by.setdefault((c, flat[p].dtype), []).append(flat[p])
+        for (c, _), ts in sorted(by.items(), key=lambda kv: (kv[0][0], str(kv[0][1]))):
+            buf = torch.cat([t.detach().reshape(-1) for t in ts])
+            tdist.broadcast(buf, group=self.dist.dp, group_src=c)
+            off = 0
+            for t in ts:
+                with torch.no_grad():
+                    t.copy_(buf[off:off + t.numel()].view_as(t))
+                off += t.numel()
+
     def gather(self, local: dict, dst: int = 0) -> dict | None:
         """Every rank's local tree -> the full tree on rank ``dst`` (None on the others)."""
         if self.single:
@@ -173,7 +215,7 @@ class Parallel:
 
 
 def setup(cfg: ModelConfig, tp: int = 1, pp: int = 1, ep: int = 1, sp: bool = False,
-          overrides: tuple = (), schedule: str = "1f1b") -> Parallel:
+          overrides: tuple = (), schedule: str = "1f1b", zero1: bool = False) -> Parallel:
     """The plan for this launch: ``torchrun`` sets the world size and dp is what is left; a plan that
     does not fit the world or the model is an error here, before any work."""
     world = 1
@@ -188,4 +230,4 @@ def setup(cfg: ModelConfig, tp: int = 1, pp: int = 1, ep: int = 1, sp: bool = Fa
     from neva.parallel.pipeline import SCHEDULES
     if schedule not in SCHEDULES:
         raise ValueError(f"parallel.pp_schedule={schedule!r}: use one of {SCHEDULES}")
-    return Parallel(cfg, plan, dist, specs, tdist.get_rank() if tdist.is_initialized() else 0, schedule)
+    return Parallel(cfg, plan, dist, specs, tdist.get_rank() if tdist.is_initialized() else 0, schedule, zero1)

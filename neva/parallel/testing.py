@@ -310,12 +310,14 @@ def pool_check(rank: int, plan: Plan, cfg: ModelConfig, params: dict, batch: dic
 
 def train_losses(rank: int | None, layout: Layout | None, cfg: ModelConfig, params: dict, batches: list[dict],
                  grad_accum: int = 1, lr: float = 1e-3, clip: float = 1.0, precision: str = "fp32",
-                 lora: str = "") -> dict:
+                 lora: str = "", zero1: bool = False) -> dict:
     """Train on ``batches`` (global batches) with the real training step, under ``layout`` in a pool
     job (``rank`` given) or in one process (``rank=None``: the reference, which accumulates over
     data ranks x ``grad_accum`` micro-batches so both see the same split). -> on rank 0 / the
     reference {"losses": [...], "grad_norms": [...], "params": final full tree}; None elsewhere.
-    ``lora``: a LoRA preset (the base frozen, LoRA leaves trained and merged in the forward)."""
+    ``lora``: a LoRA preset (the base frozen, LoRA leaves trained and merged in the forward).
+    ``zero1``: optimizer state split over dp; every rank then returns {"opt_leaves": the leaves whose
+    state it keeps, "opt_numel": their scalars in m and v}."""
     from neva.train import lora as lora_mod
     from neva.train import optim
     from neva.train.step import StepSetup, init_state, split_batch as micro_split, train_step
@@ -336,7 +338,7 @@ def train_losses(rank: int | None, layout: Layout | None, cfg: ModelConfig, para
         rows = [train_step(state, micro_split(b, n, cfg), setup) for b in batches]
         full = state.params
     else:
-        par = runtime.setup(cfg, tp=layout.tp, pp=layout.pp, ep=layout.ep, sp=layout.sp)
+        par = runtime.setup(cfg, tp=layout.tp, pp=layout.pp, ep=layout.ep, sp=layout.sp, zero1=zero1)
         assert par.layout == layout, (par.layout, layout)
         setup = StepSetup(cfg, opt, precision=precision, dist=par.dist, par=par, prepare=prepare)
         state = init_state(unflatten({p: v.clone() for p, v in flatten(par.shard(params)).items()}), setup)
@@ -344,8 +346,13 @@ def train_losses(rank: int | None, layout: Layout | None, cfg: ModelConfig, para
         rows = [train_step(state, micro_split(split_batch(b, cfg, d.data_size, _data_index(layout, rank)),
                                               grad_accum, cfg), setup) for b in batches]
         full = par.gather(state.params)
+        mine = {"opt_leaves": sorted(state.opt_state["m"]),
+                "opt_numel": sum(t.numel() for part in ("m", "v", "master") for t in state.opt_state.get(part, {}).values())}
         if rank != 0:
-            return None
+            return mine if zero1 else None
+        if zero1:
+            return {"losses": [r["loss"] for r in rows], "grad_norms": [r["grad_norm"] for r in rows], "params": full,
+                    **mine}
     return {"losses": [r["loss"] for r in rows], "grad_norms": [r["grad_norm"] for r in rows], "params": full}
 
 
@@ -355,7 +362,8 @@ def _data_index(layout: Layout, rank: int) -> int:
 
 
 def train_segment(rank: int | None, layout: Layout | None, cfg: ModelConfig, params: dict, batches: list[dict],
-                  start: int, stop: int, ckpt_dir: str, n_micro: int = 2, lr: float = 1e-3) -> list[float] | None:
+                  start: int, stop: int, ckpt_dir: str, n_micro: int = 2, lr: float = 1e-3,
+                  zero1: bool = False) -> list[float] | None:
     """Steps ``start..stop`` of a run over ``batches`` (``n_micro`` micro-batches per step in all,
     split first over data ranks), resuming from the newest checkpoint in ``ckpt_dir`` when
     ``start > 0`` and saving one at ``stop``. ``rank=None``: one process, no process group.
@@ -369,7 +377,7 @@ def train_segment(rank: int | None, layout: Layout | None, cfg: ModelConfig, par
     if rank is None:
         par, setup = None, StepSetup(cfg, opt)
     else:
-        par = runtime.setup(cfg, tp=layout.tp, pp=layout.pp, ep=layout.ep, sp=layout.sp)
+        par = runtime.setup(cfg, tp=layout.tp, pp=layout.pp, ep=layout.ep, sp=layout.sp, zero1=zero1)
         setup = StepSetup(cfg, opt, dist=par.dist, par=par)
     local = params if par is None else par.shard(params)
     state = init_state(unflatten({p: v.clone() for p, v in flatten(local).items()}), setup)

@@ -242,6 +242,10 @@ def load(path: str | Path, state: TrainState, par=None, frozen: dict | None = No
         from neva.parallel.dtensor import leaf_of
         model_leaves = set(par.placements())
         extra = [k for k in extra if (leaf_of(k) or "").split("_lora_")[0] not in model_leaves]
+    if par is not None and par.zero1:          # ZeRO-1: other dp ranks keep the rest of the optimizer state
+        from neva.parallel.dtensor import leaf_of
+        trained = set(state.trainable)
+        extra = [k for k in extra if not (k.startswith("optim/") and leaf_of(k) in trained)]
     if missing or extra:
         raise CheckpointError(
             f"checkpoint {path} does not fit this model/optimizer: missing {missing[:6]}"

@@ -96,10 +96,12 @@ def lr_at(step: int, opt: AdamW) -> float:
     return floor + (opt.lr - floor) * 0.5 * (1 + math.cos(math.pi * t))
 
 
-def init_state(params: Tree, opt: AdamW, master: bool = False) -> dict:
-    """Zero moments (fp32) for each trainable leaf; fp32 master copies if ``master``."""
+def init_state(params: Tree, opt: AdamW, master: bool = False, only: set[str] | None = None) -> dict:
+    """Zero moments (fp32) for each trainable leaf; fp32 master copies if ``master``. ``only``: keep
+    state for these leaves alone (ZeRO-1: the leaves this data rank updates); ``update`` then
+    updates just those."""
     flat = flatten(params)
-    paths = trainable_paths(params, opt)
+    paths = [p for p in trainable_paths(params, opt) if only is None or p in only]
     st = {"m": {p: torch.zeros_like(flat[p], dtype=torch.float32) for p in paths},
           "v": {p: torch.zeros_like(flat[p], dtype=torch.float32) for p in paths},
           "step": 0}

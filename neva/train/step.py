@@ -216,7 +216,8 @@ def init_state(params: Tree, setup: StepSetup) -> TrainState:
     pol = setup.pol
     setup.opt.validate()
     trainable = optim.trainable_paths(params, setup.opt)
-    opt_state = optim.init_state(params, setup.opt, master=pol.master)   # masters from the fp32 values
+    only = setup.par.owned(flatten(params), trainable) if setup.par is not None else None   # ZeRO-1
+    opt_state = optim.init_state(params, setup.opt, master=pol.master, only=only)   # masters from fp32 values
     if pol.param_dtype != torch.float32:
         params = unflatten({p: v.to(pol.param_dtype) if v.is_floating_point() else v
                             for p, v in flatten(params).items()})
@@ -254,6 +255,8 @@ def train_step(state: TrainState, micro_batches: list[dict], setup: StepSetup) -
         return row
     state.bad_in_row = 0
     optim.update(state.params, grads, state.opt_state, setup.opt, norm=norm)
+    if setup.par is not None:
+        setup.par.share_updates(state.params, state.trainable)
     return _row(state, st, lr, float(norm), t0, skipped_now=False)
 
 
