@@ -74,7 +74,8 @@ def test_named_layouts(gloo_pool, layout, kind, n_micro, schedule):
 def test_training_steps_match_single_process(gloo_pool, layout, grad_accum):
     """The real training step (AdamW, clipping by the global norm, accumulation) under a plan: the
     per-step losses and gradient norms equal the single-process run's, and so do the final params."""
-    from neva.parallel.testing import max_rel_err, train_losses
+    from neva.parallel.testing import max_rel_err
+    from neva.parallel.testing_runs import train_losses
     cfg = _main_like_cfg()
     params = model.init_params(cfg, 1)
     batches = [_batch() for _ in range(3)]
@@ -90,7 +91,8 @@ def test_training_steps_match_single_process(gloo_pool, layout, grad_accum):
 def test_lora_under_a_plan_matches_single_process(gloo_pool, layout):
     """LoRA factors follow their weight's sharding (a by its input dim, b by its output dim); a factor
     replicated over tp multiplies a tp-sharded slice, so its gradient is summed over tp."""
-    from neva.parallel.testing import max_rel_err, train_losses
+    from neva.parallel.testing import max_rel_err
+    from neva.parallel.testing_runs import train_losses
     cfg = _main_like_cfg()
     params = model.init_params(cfg, 3)
     batches = [_batch() for _ in range(2)]
@@ -106,7 +108,7 @@ def test_lora_under_a_plan_matches_single_process(gloo_pool, layout):
 def test_mixed_precision_under_a_plan(gloo_pool, precision):
     """bf16 params with fp32 masters, and fp16 with loss scaling, train under tp2 x pp2 like one
     process does (bf16 rounding differs with the reduction order: loose tolerance)."""
-    from neva.parallel.testing import train_losses
+    from neva.parallel.testing_runs import train_losses
     cfg = _main_like_cfg()
     params = model.init_params(cfg, 4)
     batches = [_batch() for _ in range(3)]
@@ -124,7 +126,8 @@ def test_mixed_precision_under_a_plan(gloo_pool, precision):
 def test_zero1_splits_optimizer_state_and_trains_the_same(gloo_pool, layout, precision):
     """ZeRO-1: each dp rank keeps the moments (and fp32 masters) of a disjoint share of the leaves,
     updates those and broadcasts them; the losses and final params are those of the run without it."""
-    from neva.parallel.testing import max_rel_err, train_losses
+    from neva.parallel.testing import max_rel_err
+    from neva.parallel.testing_runs import train_losses
     cfg = _main_like_cfg()
     params = model.init_params(cfg, 5)
     batches = [_batch() for _ in range(3)]

@@ -1,0 +1,117 @@
+"""Whole training runs for pool jobs and their single-process references: the real training step
+(AdamW, clipping, accumulation, precision, LoRA, ZeRO-1) under a layout, checkpointed segments of a
+run resumed under another layout, and an HF folder read slice by slice under a plan.
+
+Each function takes ``rank`` first (``GlooPool.run`` passes it; ``None`` means one process, no
+process group) and returns its result on rank 0.
+"""
+from __future__ import annotations
+
+import torch
+
+from neva.config import ModelConfig
+from neva.params import flatten, unflatten
+from neva.parallel.plan import Layout
+from neva.parallel.testing import split_batch
+
+
+def train_losses(rank: int | None, layout: Layout | None, cfg: ModelConfig, params: dict, batches: list[dict],
+                 grad_accum: int = 1, lr: float = 1e-3, clip: float = 1.0, precision: str = "fp32",
+                 lora: str = "", zero1: bool = False) -> dict:
+    """Train on ``batches`` (global batches) with the real training step, under ``layout`` in a pool
+    job (``rank`` given) or in one process (``rank=None``: the reference, which accumulates over
+    data ranks x ``grad_accum`` micro-batches so both see the same split). -> on rank 0 / the
+    reference {"losses": [...], "grad_norms": [...], "params": final full tree}; None elsewhere.
+    ``lora``: a LoRA preset (the base frozen, LoRA leaves trained and merged in the forward).
+    ``zero1``: optimizer state split over dp; every rank then returns {"opt_leaves": the leaves whose
+    state it keeps, "opt_numel": their scalars in m and v}."""
+    from neva.train import lora as lora_mod
+    from neva.train import optim
+    from neva.train.step import StepSetup, init_state, split_batch as micro_split, train_step
+    from neva.parallel import runtime
+
+    opt = optim.AdamW(lr=lr, weight_decay=0.01, clip=clip, warmup=0, total=len(batches),
+                      groups=lora_mod.groups() if lora else ())
+    prepare = None
+    if lora:
+        lc = lora_mod.LoraConfig(lora, rank=4, alpha=8.0)
+        params = lora_mod.add(params, lc)
+        params = unflatten({p: (v + 0.01 if p.endswith("_lora_b") else v) for p, v in flatten(params).items()})
+        prepare = lambda p: lora_mod.materialize(p, lc.scale)  # noqa: E731
+    if rank is None:
+        n = layout.dp * layout.ep * grad_accum if layout else grad_accum
+        setup = StepSetup(cfg, opt, precision=precision, prepare=prepare)
+        state = init_state(unflatten({p: v.clone() for p, v in flatten(params).items()}), setup)  # it updates in place
+        rows = [train_step(state, micro_split(b, n, cfg), setup) for b in batches]
+        full = state.params
+    else:
+        par = runtime.setup(cfg, tp=layout.tp, pp=layout.pp, ep=layout.ep, sp=layout.sp, zero1=zero1)
+        assert par.layout == layout, (par.layout, layout)
+        setup = StepSetup(cfg, opt, precision=precision, dist=par.dist, par=par, prepare=prepare)
+        state = init_state(unflatten({p: v.clone() for p, v in flatten(par.shard(params)).items()}), setup)
+        d = par.dist
+        rows = [train_step(state, micro_split(split_batch(b, cfg, d.data_size, _data_index(layout, rank)),
+                                              grad_accum, cfg), setup) for b in batches]
+        full = par.gather(state.params)
+        mine = {"opt_leaves": sorted(state.opt_state["m"]),
+                "opt_numel": sum(t.numel() for part in ("m", "v", "master") for t in state.opt_state.get(part, {}).values())}
+        if rank != 0:
+            return mine if zero1 else None
+        if zero1:
+            return {"losses": [r["loss"] for r in rows], "grad_norms": [r["grad_norm"] for r in rows], "params": full,
+                    **mine}
+    return {"losses": [r["loss"] for r in rows], "grad_norms": [r["grad_norm"] for r in rows], "params": full}
+
+
+def _data_index(layout: Layout, rank: int) -> int:
+    c = layout.coords(rank)
+    return c["dp"] * layout.ep + c["ep"]
+
+
+def train_segment(rank: int | None, layout: Layout | None, cfg: ModelConfig, params: dict, batches: list[dict],
+                  start: int, stop: int, ckpt_dir: str, n_micro: int = 2, lr: float = 1e-3,
+                  zero1: bool = False) -> list[float] | None:
+    """Steps ``start..stop`` of a run over ``batches`` (``n_micro`` micro-batches per step in all,
+    split first over data ranks), resuming from the newest checkpoint in ``ckpt_dir`` when
+    ``start > 0`` and saving one at ``stop``. ``rank=None``: one process, no process group.
+    -> the per-step losses (on rank 0 / in one process)."""
+    from neva.parallel import runtime
+    from neva.train import checkpoint as ckpt
+    from neva.train import optim
+    from neva.train.step import StepSetup, init_state, split_batch as micro_split, train_step
+
+    opt = optim.AdamW(lr=lr, weight_decay=0.01, clip=1.0, warmup=0, total=len(batches))
+    if rank is None:
+        par, setup = None, StepSetup(cfg, opt)
+    else:
+        par = runtime.setup(cfg, tp=layout.tp, pp=layout.pp, ep=layout.ep, sp=layout.sp, zero1=zero1)
+        setup = StepSetup(cfg, opt, dist=par.dist, par=par)
+    local = params if par is None else par.shard(params)
+    state = init_state(unflatten({p: v.clone() for p, v in flatten(local).items()}), setup)
+    if start:
+        path = ckpt.latest(ckpt_dir)
+        meta = ckpt.load(path, state, par=par)
+        assert int(meta["step"]) == start, (meta["step"], start)
+    n_data = 1 if par is None else par.dist.data_size
+    d = 0 if par is None else par.dist.data_rank
+    losses = []
+    for i in range(start, stop):
+        mine = split_batch(batches[i], cfg, n_data, d)
+        losses.append(train_step(state, micro_split(mine, n_micro // n_data, cfg), setup)["loss"])
+    ckpt.save(ckpt_dir, stop, state, par=par)
+    return losses if rank in (None, 0) else None
+
+
+def hf_sliced_load(rank: int, layout: Layout, folder: str) -> dict:
+    """A pool job: load an HF LLaVA folder reading only this rank's slices; -> per leaf whether the
+    local tensor equals the plan's shard of the full load, and how many scalars were read."""
+    from neva import hf
+    from neva.parallel import runtime
+    cfg, full = hf.load(folder)
+    par = runtime.setup(cfg, tp=layout.tp, pp=layout.pp, ep=layout.ep, sp=layout.sp)
+    _, read = hf.load(folder, shard=par.hf_slices)
+    read_scalars = sum(t.numel() for t in flatten(read).values())
+    local = flatten(par.localize(read))
+    want = flatten(par.shard(full))
+    return {"same": local.keys() == want.keys() and all(torch.equal(local[p], want[p]) for p in want),
+            "read": read_scalars, "full": sum(t.numel() for t in flatten(full).values())}
