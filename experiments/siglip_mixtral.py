@@ -35,13 +35,12 @@ from neva import experiment as X
 from neva.config import LLMConfig, ModelConfig, ProjectorConfig, VisionConfig
 from neva.data import DataConfig, build_loader
 from neva.data import synthetic, tokenizers
-from neva.params import flatten, unflatten
+from neva.params import flatten
 from neva.export import base_params, sources
 from neva.parallel import runtime
 from neva.train import checkpoint as ckpt
-from neva.train import lora as lora_mod
 from neva.train import loop, optim, qa_eval, report
-from neva.train.step import TrainState
+from neva.train.step import NonFiniteLoss
 
 DATA = "data/synthetic"
 
@@ -110,17 +109,6 @@ def ensure_data(exp: X.Experiment) -> None:
     print("  " + ", ".join(f"{k}={v}" for k, v in counts.items()))
 
 
-def plain_params(exp: X.Experiment, state: TrainState, merge_lora: bool = True) -> dict:
-    """fp32 params (this rank's leaves) for evaluation and export: masters where there are any,
-    LoRA merged unless ``merge_lora=False`` (between stages, where LoRA keeps training)."""
-    flat = {p: v.float() for p, v in flatten(state.params).items()}
-    flat.update(state.opt_state.get("master", {}))
-    params = unflatten(flat)
-    if exp.train.lora and merge_lora:
-        return lora_mod.merge(params, exp.train.lora_alpha / exp.train.lora_rank)
-    return params
-
-
 def frozen_base(exp: X.Experiment, params: dict, setup) -> dict | None:
     """Checkpoints leave out the leaves a stage does not train when they come from HF folders."""
     if not (exp.model.vision.from_pretrained or exp.model.llm.from_pretrained):
@@ -155,18 +143,25 @@ def main(argv: list[str]) -> dict:
             say(f"ZeRO-1: the optimizer state of each leaf on one of the {par.layout.dp} dp ranks")
     rank, world_data = par.dist.data_rank, par.dist.data_size
     t = exp.train
-    offset = 0
     local = par.shard(params)
-    if t.pretrain_steps:
+    pre_resume, main_resume, run_stage1 = t.resume, t.resume, bool(t.pretrain_steps)
+    if t.pretrain_steps and t.resume not in ("", "auto", "none"):   # a path: resume the stage it belongs to
+        if ckpt.tag_of(t.resume) == "pretrain":
+            main_resume = "none"                   # stage 2 then starts from where stage 1 ends
+        else:
+            run_stage1 = False                     # a stage-2 checkpoint holds all that stage 2 trains
+    if run_stage1:
         pre_data = replace(exp.data, data_path=t.pretrain_data or exp.data.data_path, template=t.pretrain_template)
-        pre = replace(exp, data=pre_data, train=replace(t, lr=t.pretrain_lr or t.lr, warmup=min(t.warmup, t.pretrain_steps // 4)))
+        pre = replace(exp, data=pre_data, train=replace(t, lr=t.pretrain_lr or t.lr, warmup=min(t.warmup, t.pretrain_steps // 4),
+                                                        resume=pre_resume))
         groups = X.optimizer_groups(replace(pre, train=replace(pre.train, freeze=t.pretrain_freeze)))
         setup = loop.make_setup(pre, steps=t.pretrain_steps, groups=groups, par=par)
         loader = build_loader(pre_data, cfg, tok=tok, progress=exp.run.progress and par.main, rank=rank, world=world_data)
         res = loop.train(pre, local, loader, setup=setup, steps=t.pretrain_steps, tag="pretrain", desc="stage 1 (captions)",
                          par=par, frozen=frozen_base(exp, params, setup))
-        local = plain_params(exp, res.state, merge_lora=False)
-        offset = t.pretrain_steps
+        local = loop.plain_params(exp, res.state, merge_lora=False)
+    offset = t.pretrain_steps
+    exp = replace(exp, train=replace(t, resume=main_resume))
     loader = build_loader(exp.data, cfg, tok=tok, progress=exp.run.progress and par.main, rank=rank, world=world_data)
     eval_sets = report.eval_sets(exp, cfg, tok)
     priors = qa_eval.prior_answers(qa_eval.training_answers(loader.ds.records))
@@ -178,7 +173,7 @@ def main(argv: list[str]) -> dict:
     setup = loop.make_setup(exp, par=par)
     res = loop.train(exp, local, loader, eval_fn=eval_fn, tag="", step_offset=offset, setup=setup, par=par,
                      frozen=frozen_base(exp, params, setup), desc="stage 2 (questions)" if offset else "train")
-    final = par.gather(plain_params(exp, res.state))
+    final = par.gather(loop.plain_params(exp, res.state))
     t_train = time.time() - t_start
     if not par.main:
         return {}
@@ -200,5 +195,5 @@ def main(argv: list[str]) -> dict:
 if __name__ == "__main__":
     try:
         main(sys.argv[1:])
-    except X.ConfigError as e:
+    except (X.ConfigError, ckpt.CheckpointError, NonFiniteLoss) as e:   # the last good state is saved
         raise SystemExit(f"error: {e}") from None

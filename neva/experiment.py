@@ -264,6 +264,16 @@ def validate(exp: Experiment, world_size: int = 1) -> Experiment:
         errs.append(f"train.lora_rank={t.lora_rank} must be >= 1")
     if e.every < 0 or c.every < 0 or c.keep_last < 0 or e.max_samples < 0 or e.batch_size < 1:
         errs.append("eval.every, eval.max_samples, checkpoint.every and checkpoint.keep_last must be >= 0")
+    if e.max_new_tokens < 1 or e.show < 0:
+        errs.append(f"eval.max_new_tokens={e.max_new_tokens} must be >= 1 and eval.show={e.show} >= 0")
+    if t.resume not in ("", "auto", "none") and not Path(t.resume).is_dir():
+        errs.append(f"train.resume={t.resume!r}: no such checkpoint folder (use auto, none, or a "
+                    "checkpoints/step_N folder of a run)")
+    if p.pp_schedule not in ("gpipe", "1f1b"):
+        errs.append(f"parallel.pp_schedule={p.pp_schedule!r}: use gpipe or 1f1b")
+    if t.mode == "func" and p.pp > 1:
+        errs.append("train.mode=func with parallel.pp > 1: the pipeline schedule runs each stage's backward "
+                    "with autograd (it must hand gradients between stages); use train.mode=autograd")
     if min(p.tp, p.pp, p.ep) < 1:
         errs.append("parallel.tp, parallel.pp and parallel.ep must be >= 1")
     elif world_size % (p.tp * p.pp * p.ep):

@@ -45,10 +45,18 @@ def test_bad_overrides_name_the_key(arg, msg):
     ("train.freeze=(", "freeze"),
     ("data.template=nope", "data.template='nope'"),
     ("model.llm.top_k=9", "top_k=9"),
+    ("eval.max_new_tokens=0", "eval.max_new_tokens=0 must be >= 1"),
+    ("train.resume=/no/such/ckpt", "no such checkpoint folder"),
+    ("parallel.pp_schedule=zigzag", "use gpipe or 1f1b"),
 ])
 def test_out_of_range_values_fail_at_start(arg, msg):
     with pytest.raises(X.ConfigError, match=msg.replace("(", r"\(").replace("[", r"\[")):
         X.parse([arg], base())
+
+
+def test_func_mode_needs_no_pipeline():
+    with pytest.raises(X.ConfigError, match="train.mode=func with parallel.pp > 1"):
+        X.parse(["train.mode=func", "parallel.pp=2"], base(), world_size=2)
 
 
 def test_plan_must_fit_world_size():

@@ -55,3 +55,29 @@ def test_lora_grads_autograd_equal_func():
 def test_lora_bad_targets():
     with pytest.raises(ValueError, match="match no 2-D/3-D weight"):
         lora.add(params(tiny_cfg()), lora.LoraConfig(targets=r"^nothing/"))
+
+
+def test_eval_during_training_sees_the_merged_model(tmp_path):
+    """``eval_fn`` gets the params as they would be exported: fp32, LoRA merged (no factor leaves)."""
+    from neva import experiment as X
+    from neva.train import loop
+
+    cfg = tiny_cfg()
+    exp = X.Experiment(model=cfg, train=X.TrainConfig(steps=2, lr=1e-2, lora="attn", lora_rank=4, lora_alpha=8),
+                       eval=X.EvalConfig(every=1), run=X.RunConfig(dir=str(tmp_path), progress=False,
+                                                                   tensorboard=False, threads=1))
+    p = lora.add(params(cfg), lora.LoraConfig("attn", rank=4, alpha=8))
+    b = batch(cfg)
+    seen = []
+
+    def eval_fn(tree, step):
+        seen.append(tree)
+        return {"eval/x": 0.0}
+
+    res = loop.train(exp, p, iter([b, b]), eval_fn=eval_fn)
+    assert len(seen) == 1 and set(flatten(seen[0])) == set(flatten(params(cfg)))
+    base, now, end = flatten(params(cfg)), flatten(seen[0]), flatten(lora.merge(res.state.params, 2.0))
+    wq = [k for k in now if k.startswith("llm/") and k.endswith("attn/wq/w")]
+    assert wq and all(now[k].dtype == torch.float32 for k in now)
+    assert all(not torch.equal(now[k], base[k]) and not torch.equal(now[k], end[k]) for k in wq)  # step 1's LoRA
+    assert "eval/x" in loop.read_metrics(tmp_path)[0]

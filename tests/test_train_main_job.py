@@ -57,6 +57,27 @@ def test_main_job_writes_every_output_and_resumes(workdir, capsys):
     assert "resumed from" in capsys.readouterr().out
 
 
+def test_resume_from_a_path_picks_its_stage(workdir, capsys):
+    """train.resume=PATH in a two-stage run: a stage-1 checkpoint resumes stage 1 (stage 2 starts
+    fresh after it); a stage-2 checkpoint skips stage 1 and resumes stage 2."""
+    args = SMALL + ["train.steps=3", "train.pretrain_steps=2", "checkpoint.every=1", "checkpoint.keep_last=0",
+                    "eval.max_samples=2", "run.dir=runs/r", "checkpoint.export_hf=false"]
+    job.main(args)
+    ck = workdir / "runs/r/checkpoints"
+    assert ckpt.tag_of(ck / "pretrain/step_00000001") == "pretrain" and ckpt.tag_of(ck / "step_00000002") == ""
+    capsys.readouterr()
+    job.main(args + [f"train.resume={ck / 'pretrain/step_00000001'}", "run.dir=runs/r1"])
+    out = capsys.readouterr().out
+    assert out.count("resumed from") == 1 and "pretrain/step_00000001 at step 1" in out
+    rows = [json.loads(x) for x in (workdir / "runs/r1/metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [2, 3, 4, 5]            # stage 1's step 2, then stage 2 from 0
+    job.main(args + [f"train.resume={ck / 'step_00000002'}", "run.dir=runs/r2"])
+    out = capsys.readouterr().out
+    assert "step_00000002 at step 2" in out and not (workdir / "runs/r2/checkpoints/pretrain").exists()
+    rows = [json.loads(x) for x in (workdir / "runs/r2/metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [5]
+
+
 def test_bad_overrides_fail_before_anything_runs(workdir):
     with pytest.raises(job.X.ConfigError, match="did you mean 'train.steps'"):
         job.main(["train.step=3"])

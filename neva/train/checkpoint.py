@@ -132,7 +132,8 @@ def save(ckpt_dir: str | Path, step: int, state: TrainState, meta: dict | None =
         files = {f.name: f.stat().st_size for f in sorted(tmp.iterdir()) if f.is_file()}
         sums = {name: _digest(tmp / name) for name in files}
         man = {"step": step, "time": time.time(), "files": files, "blake2b": sums, "keys": len(sd),
-               "layout": str(par.layout) if par is not None else "single", "frozen": frozen}
+               "layout": str(par.layout) if par is not None else "single", "frozen": frozen,
+               "tag": (meta or {}).get("tag", "")}
         with open(tmp / MANIFEST, "w") as f:
             json.dump(man, f, indent=1)
             f.flush()
@@ -168,6 +169,13 @@ def check_complete(path: Path, verify: bool = False) -> dict:
             raise CheckpointError(f"checkpoint {path}: file {name} does not match its checksum: the checkpoint "
                                   "is corrupt: resume from an older one (train.resume=auto skips it)")
     return man
+
+
+def tag_of(path: str | Path) -> str:
+    """The stage a checkpoint belongs to ("pretrain" for a recipe's first stage, "" for the main one)."""
+    path = Path(path)
+    man = check_complete(path)
+    return man.get("tag", "pretrain" if path.parent.name == "pretrain" else "")
 
 
 def complete(ckpt_dir: str | Path) -> list[Path]:

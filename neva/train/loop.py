@@ -17,13 +17,13 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Callable, Iterator
 
 import torch
 import torch.distributed as tdist
 
 from neva.experiment import Experiment, optimizer_groups, save as save_config
-from neva.params import Tree
+from neva.params import Tree, flatten, unflatten
 from neva.parallel.comm import LOCAL, Dist
 from neva.train import checkpoint as ckpt
 from neva.train import lora as lora_mod
@@ -133,6 +133,17 @@ class Result:
     resumed_from: Path | None = None
 
 
+def plain_params(exp: Experiment, state: TrainState, merge_lora: bool = True) -> dict:
+    """fp32 params (this rank's leaves) for evaluation and export: masters where there are any,
+    LoRA merged unless ``merge_lora=False`` (between stages, where LoRA keeps training)."""
+    flat = {p: v.float() for p, v in flatten(state.params).items()}
+    flat.update(state.opt_state.get("master", {}))
+    params = unflatten(flat)
+    if exp.train.lora and merge_lora:
+        return lora_mod.merge(params, exp.train.lora_alpha / exp.train.lora_rank)
+    return params
+
+
 def train(exp: Experiment, params: Tree, batches: Iterator[dict], *, dist: Dist = LOCAL, par=None,
           frozen: dict | None = None,
           eval_fn: Callable[[Tree, int], dict] | None = None, setup: StepSetup | None = None,
@@ -140,7 +151,7 @@ def train(exp: Experiment, params: Tree, batches: Iterator[dict], *, dist: Dist 
           tag: str = "", step_offset: int = 0) -> Result:
     """Train ``params`` (fp32 tree; LoRA leaves already added if ``train.lora``) for ``steps``
     (default ``train.steps``) on ``batches``. ``eval_fn(params, step) -> {name: number}`` runs every
-    ``eval.every`` steps; its results join that step's metrics row. ``tag`` prefixes metric names
+    ``eval.every`` steps on ``plain_params`` (fp32, masters, LoRA merged); its results join that step's metrics row. ``tag`` prefixes metric names
     and names its checkpoint folder (a stage of a multi-stage recipe); ``step_offset`` shifts the
     ``step`` of its metrics rows so stages read as one curve.
 
@@ -190,7 +201,7 @@ def train(exp: Experiment, params: Tree, batches: Iterator[dict], *, dist: Dist 
                 raise
             step += 1
             if eval_fn is not None and exp.eval.every and step % exp.eval.every == 0 and step < steps:
-                row.update(eval_fn(state.params, step))
+                row.update(eval_fn(plain_params(exp, state), step))
             row = _finish_row(row, step + step_offset, n_tokens_in(batch) * n_data, t_data, tag)
             if step % exp.train.log_every == 0 or step == steps:
                 metrics.write(row)
