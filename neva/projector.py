@@ -50,7 +50,8 @@ def downsample_2x2(x_npd: Tensor) -> Tensor:
     if g % 2:
         x = F.pad(x, (0, 0, 0, 1, 0, 1))
         g += 1
-    x = x.reshape(n, g, g // 2, 2 * d).permute(0, 2, 1, 3).reshape(n, g // 2, g // 2, 4 * d)
+    # pairs along a row, then pairs of rows; the last permute puts the blocks back in row-major order
+    x = x.reshape(n, g, g // 2, 2 * d).permute(0, 2, 1, 3).reshape(n, g // 2, g // 2, 4 * d).permute(0, 2, 1, 3)
     return x.reshape(n, -1, 4 * d)
 
 
