@@ -3,6 +3,7 @@ CLI and the inspect command work on it with the Mixtral tokenizer."""
 import collections
 import hashlib
 import json
+import re
 
 import numpy as np
 import pytest
@@ -107,6 +108,13 @@ def test_inspect_shows_trained_tokens_and_media_spans(capsys):
     assert "<video x 4 frames x 16>" in capsys.readouterr().out
     assert inspect_cli.main([str(d / "train.jsonl"), "--template", "llama_3", "--tokenizer", "mixtral"]) == 2
     assert "needs '<|begin_of_text|>' to be one special token" in capsys.readouterr().err
+    files = f"{d / 'train.jsonl'},{d / 'video_train.jsonl'}"
+    assert inspect_cli.main([files, "--template", "mistral", "--video-folder", str(d / "videos.tar"), "--padding",
+                             "--max-seq-len", "512", "--batch-size", "4"]) == 0
+    out = capsys.readouterr().out
+    fracs = [float(x) for x in re.findall(r"([0-9.]+)% padding", out)]
+    assert "padded to the longest" in out and len(fracs) == 3
+    assert fracs[1] > fracs[0] and fracs[1] > fracs[2]      # a fixed 512 pads the most for these short samples
 
 
 @pytest.mark.parametrize("template", ["mistral", "plain"])

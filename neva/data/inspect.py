@@ -73,11 +73,18 @@ def _main(argv: list[str] | None) -> int:
     ap.add_argument("--max-seq-len", type=int, default=None)
     ap.add_argument("--system-prompt", default=None)
     ap.add_argument("--table", action="store_true", help="also one line per token")
+    ap.add_argument("--padding", action="store_true",
+                    help="instead of one sample: the padding fraction of DATA (files, comma-separated) with and "
+                         "without packing, in rows of --max-seq-len (default 256) and batches of --batch-size")
+    ap.add_argument("--batch-size", type=int, default=8)
     a = ap.parse_args(argv)
 
     tok = tokenizers.load(a.tokenizer)
     t = templates.get(a.template)
     templates.check_tokenizer(t, tok)
+    image_token_id = a.image_token_id if a.image_token_id is not None else len(tok)
+    if a.padding:
+        return _padding(a, tok, image_token_id)
     recs, _ = read(a.data, "error")
     if not 0 <= a.index < len(recs):
         ap.error(f"--index {a.index} is outside the {len(recs)} records of {a.data}")
@@ -98,7 +105,6 @@ def _main(argv: list[str] | None) -> int:
         vi += 1
     pieces = templates.render(t, list(rec.turns), bos=tok.bos_token or "", eos=tok.eos_token or "",
                               system=a.system_prompt if a.system_prompt is not None else rec.system)
-    image_token_id = a.image_token_id if a.image_token_id is not None else len(tok)
     enc = encode(pieces, tok, image_token_id=image_token_id, tokens_per_image=a.tokens_per_image, frames=frames,
                  max_seq_len=a.max_seq_len, name=rec.name)
     color = sys.stdout.isatty()
@@ -111,6 +117,33 @@ def _main(argv: list[str] | None) -> int:
     print("".join(f"⟦{p.text}⟧" if p.trained else p.text for p in pieces))
     print("--- tokens (trained ⟦ ⟧, media as <image x N>)")
     print(show_sample(rec, enc, tok, color=color, table=a.table))
+    return 0
+
+
+def _padding(a, tok, image_token_id: int) -> int:
+    """Print how much of each batch is padding over one epoch: unpacked (padded to the batch's
+    longest sample, or to max_seq_len) and packed (first-fit rows of max_seq_len)."""
+    from types import SimpleNamespace
+
+    from neva.config import VisionConfig
+    from neva.data.config import DataConfig
+    from neva.data.dataset import NevaDataset
+    from neva.data.loader import padding_report
+
+    cfg = DataConfig(data_path=a.data, image_folder=a.image_folder, video_folder=a.video_folder, template=a.template,
+                     tokenizer=a.tokenizer, system_prompt=a.system_prompt, num_frames=a.num_frames,
+                     splice_single_frame=a.splice_single_frame, max_seq_len=a.max_seq_len or 256,
+                     batch_size=a.batch_size)
+    # lengths need only the media token counts; the image spec is never used to decode here
+    shape = SimpleNamespace(image_token_id=image_token_id, tokens_per_image=a.tokens_per_image, vision=VisionConfig())
+    ds = NevaDataset(cfg, shape, tok=tok)
+    r = padding_report(ds.lengths, cfg)
+    L = ds.lengths
+    print(f"{r['samples']} samples of {L.min()}-{L.max()} tokens (mean {L.mean():.1f}); batches of {cfg.batch_size}, "
+          f"rows of {cfg.max_seq_len}")
+    print(f"  unpacked, padded to the longest in the batch: {r['unpacked_longest']:6.1%} padding")
+    print(f"  unpacked, padded to max_seq_len:              {r['unpacked_fixed']:6.1%} padding")
+    print(f"  packed, {cfg.packing_algorithm + ':':37s} {r['packed']:6.1%} padding in {r['rows']} rows")
     return 0
 
 
