@@ -146,3 +146,9 @@ def test_zero1_splits_optimizer_state_and_trains_the_same(gloo_pool, layout, pre
         assert sum(len(s) for s in leaves) == len(set().union(*leaves))          # disjoint
         sizes = [m["opt_numel"] for m in members]
         assert max(sizes) < 0.75 * sum(sizes)                                   # balanced, not all on one
+
+
+def test_vmap_rule_of_all_to_all(gloo_pool):
+    """Per-example all-to-all (vmap, and vmap of grad) on 4 gloo ranks equals a loop over examples."""
+    from neva.parallel.testing import all_to_all_vmap_check
+    assert max(gloo_pool.run(all_to_all_vmap_check)) < 1e-6

@@ -237,6 +237,14 @@ class _AllToAll(torch.autograd.Function):
     def backward(ctx, g):
         return _AllToAll.apply(g, ctx.recv, ctx.send, ctx.group), None, None, None
 
+    @staticmethod
+    def vmap(info, in_dims, x, send, recv, group):
+        # the splits are the same for every example (a per-example routing has no single split):
+        # keep rows first, carry the vmapped dim along as dim 1
+        if in_dims[0] is None:
+            return _AllToAll.apply(x, send, recv, group), None
+        return _AllToAll.apply(x.movedim(in_dims[0], 1), send, recv, group), 1
+
 
 # ------------------------------------------------------------------------------------ public API
 def copy_to_tp(x: Tensor, dist: Dist) -> Tensor:

@@ -27,6 +27,7 @@ from torch import Tensor
 
 from neva.config import ModelConfig
 from neva.params import flatten, unflatten
+from neva.parallel import comm
 from neva.parallel import mesh as mesh_mod
 from neva.parallel.comm import Dist
 from neva.parallel.plan import Layout, Plan
@@ -306,3 +307,22 @@ def pool_check(rank: int, plan: Plan, cfg: ModelConfig, params: dict, batch: dic
         return None
     ce_ref, aux_ref, g_ref = reference_step(params, cfg, batch, n_shards)
     return {"ce": ce, "ce_ref": ce_ref, "aux": aux, "aux_ref": aux_ref, "grad_err": max_rel_err(g_ref, grads)}
+
+
+def all_to_all_vmap_check(rank: int, batch: int = 3, rows: int = 2, dim: int = 5) -> float:
+    """A pool job: ``comm.all_to_all`` under ``torch.func.vmap`` (and vmap of grad) equals running it
+    example by example; -> the largest difference."""
+    g = torch.Generator().manual_seed(rank)
+    n = tdist.get_world_size()
+    x = torch.randn(batch, rows * n, dim, generator=g)
+    wt = torch.randn(rows * n, dim, generator=g)
+    split = [rows] * n
+
+    def f(xe):
+        return (comm.all_to_all(xe, split, split, tdist.group.WORLD) * wt).sum()
+
+    got = torch.func.vmap(lambda xe: comm.all_to_all(xe, split, split, tdist.group.WORLD))(x)
+    want = torch.stack([comm.all_to_all(xe, split, split, tdist.group.WORLD) for xe in x])
+    ggot = torch.func.vmap(torch.func.grad(f))(x)
+    gwant = torch.stack([torch.func.grad(f)(xe) for xe in x])
+    return max(float((got - want).abs().max()), float((ggot - gwant).abs().max()))
