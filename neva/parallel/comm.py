@@ -309,3 +309,30 @@ def all_reduce_nograd(x: Tensor, group: Group, op: str = "sum") -> Tensor:
     if group is None:
         return x
     return all_reduce_(x.detach().clone(), group, op)
+
+
+class P2P:
+    """Point-to-point with the neighbouring stages of this rank's pipeline (``prev``/``next``: global
+    ranks, None at the ends). Not autograd: the pipeline schedule sends activations forward and their
+    gradients back itself, as Megatron's p2p communication does; sends are non-blocking (``finish``
+    waits for them), receives blocking."""
+
+    def __init__(self, dist: Dist):
+        self.dist, self.pending = dist, []
+        pp, r = dist.pp, dist.pp_rank
+        self.prev = tdist.get_global_rank(pp, r - 1) if r > 0 else None
+        self.next = tdist.get_global_rank(pp, r + 1) if r < dist.pp_size - 1 else None
+
+    def send(self, t: Tensor, to: int) -> None:
+        t = t.detach().contiguous()
+        self.pending.append((tdist.isend(t, dst=to, group=self.dist.pp), t))
+
+    def recv(self, shape: tuple, dtype: torch.dtype, frm: int, device=None) -> Tensor:
+        buf = torch.empty(shape, dtype=dtype, device=device)
+        tdist.recv(buf, src=frm, group=self.dist.pp)
+        return buf
+
+    def finish(self) -> None:
+        for work, _ in self.pending:
+            work.wait()
+        self.pending.clear()

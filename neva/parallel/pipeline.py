@@ -18,12 +18,12 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
-import torch.distributed as tdist
 from torch import Tensor
 
 from neva import llm, model
 from neva.config import ModelConfig
 from neva.params import flatten, unflatten
+from neva.parallel import comm
 from neva.parallel.comm import Dist
 
 SCHEDULES = ("1f1b", "gpipe")
@@ -42,30 +42,6 @@ def schedule_order(kind: str, n_micro: int, stage: int, n_stages: int) -> list[t
     return order + [("B", m) for m in range(n_micro - warm, n_micro)]
 
 
-class _P2P:
-    """Point-to-point with the neighbouring stages of this rank's pipeline."""
-
-    def __init__(self, dist: Dist):
-        self.dist, self.pending = dist, []
-        pp, r = dist.pp, dist.pp_rank
-        self.prev = tdist.get_global_rank(pp, r - 1) if r > 0 else None
-        self.next = tdist.get_global_rank(pp, r + 1) if r < dist.pp_size - 1 else None
-
-    def send(self, t: Tensor, to: int) -> None:
-        t = t.detach().contiguous()
-        self.pending.append((tdist.isend(t, dst=to, group=self.dist.pp), t))
-
-    def recv(self, shape: tuple, dtype: torch.dtype, frm: int, device=None) -> Tensor:
-        buf = torch.empty(shape, dtype=dtype, device=device)
-        tdist.recv(buf, src=frm, group=self.dist.pp)
-        return buf
-
-    def finish(self) -> None:
-        for work, _ in self.pending:
-            work.wait()
-        self.pending.clear()
-
-
 def compute_grads(params: dict, cfg: ModelConfig, micro_batches: list[dict], dist: Dist, stage_ids: range, *,
                   trainable: list[str], n_total: float, n_micro_total: int, schedule: str = "1f1b",
                   autocast: Callable | None = None, layer_kw: dict | None = None, loss_scale: float = 1.0,
@@ -81,7 +57,7 @@ def compute_grads(params: dict, cfg: ModelConfig, micro_batches: list[dict], dis
     frozen = {p: v for p, v in flat.items() if p not in tr}
     lead = next(v for p, v in flat.items() if p.startswith("llm/layers/"))
     dtype, device = lead.dtype, lead.device
-    p2p = _P2P(dist)
+    p2p = comm.P2P(dist)
     ctxmgr = autocast or (lambda: torch.autocast("cpu", enabled=False))
     layer_kw = layer_kw or {}
     saved: dict[int, tuple] = {}
