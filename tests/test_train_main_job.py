@@ -78,6 +78,26 @@ def test_resume_from_a_path_picks_its_stage(workdir, capsys):
     assert [r["step"] for r in rows] == [5]
 
 
+def test_lora_run_exports_merged_weights(workdir):
+    """A LoRA run: its hf/ folder and ``python -m neva.export`` of its checkpoint hold the same merged
+    weights (no LoRA leaves), which differ from the base where LoRA applies and nowhere else."""
+    from neva import export as E
+    from neva import hf
+    from neva.params import flatten
+    args = SMALL + ["train.steps=2", "train.lora=attn", "train.lora_rank=4", "train.lr=1e-2", "eval.max_samples=2",
+                    "run.dir=runs/lora"]
+    job.main(args)
+    run = workdir / "runs/lora"
+    assert E.main([str(ckpt.latest(run / "checkpoints")), str(workdir / "out")]) == 0
+    a, b = flatten(hf.load(str(run / "hf"))[1]), flatten(hf.load(str(workdir / "out"))[1])
+    assert a.keys() == b.keys() and not any("_lora_" in k for k in a)
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    exp = job.X.parse(args, job.base())
+    base = {k: v for k, v in flatten(E.base_params(exp)[1]).items() if "_lora_" not in k}
+    changed = {k for k in base if not torch.allclose(a[k], base[k], atol=1e-7)}
+    assert changed and all(k.startswith("llm/layers/") and "/attn/" in k for k in changed)
+
+
 def test_bad_overrides_fail_before_anything_runs(workdir):
     with pytest.raises(job.X.ConfigError, match="did you mean 'train.steps'"):
         job.main(["train.step=3"])
