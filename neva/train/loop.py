@@ -152,8 +152,9 @@ def train(exp: Experiment, params: Tree, batches: Iterator[dict], *, dist: Dist 
     """Train ``params`` (fp32 tree; LoRA leaves already added if ``train.lora``) for ``steps``
     (default ``train.steps``) on ``batches``. ``eval_fn(params, step) -> {name: number}`` runs every
     ``eval.every`` steps on ``plain_params`` (fp32, masters, LoRA merged); its results join that
-    step's metrics row. ``tag`` prefixes metric names and names its checkpoint folder (a stage of a multi-stage recipe); ``step_offset`` shifts the
-    ``step`` of its metrics rows so stages read as one curve.
+    step's metrics row. ``tag`` prefixes metric names and names its checkpoint folder (a stage of a
+    multi-stage recipe); ``step_offset`` shifts the ``step`` of its metrics rows so stages read as
+    one curve.
 
     Under a parallel plan (``par``), ``params`` are this rank's local leaves (``par.shard``) and
     ``batches`` this data rank's rows; checkpoints are sharded (any layout resumes them). ``frozen``
