@@ -125,7 +125,8 @@ def main(argv: list[str]) -> dict:
     if recipe == "llava":
         exp = X.validate(llava_recipe(exp))
     threads = loop.pick_threads(exp.run.threads)
-    ensure_data(exp) if "LOCAL_RANK" not in os.environ or os.environ["LOCAL_RANK"] == "0" else None
+    if os.environ.get("LOCAL_RANK", "0") == "0":   # one writer per node
+        ensure_data(exp)
     torch.manual_seed(exp.train.seed)
     cfg, params = base_params(exp)                 # full on every rank; big HF models: par.hf_slices
     exp = replace(exp, model=cfg)
@@ -145,7 +146,7 @@ def main(argv: list[str]) -> dict:
     t = exp.train
     local = par.shard(params)
     pre_resume, main_resume, run_stage1 = t.resume, t.resume, bool(t.pretrain_steps)
-    if t.pretrain_steps and t.resume not in ("", "auto", "none"):   # a path: resume the stage it belongs to
+    if t.pretrain_steps and t.resume not in X.RESUME_WORDS:   # a path: resume the stage it belongs to
         if ckpt.tag_of(t.resume) == "pretrain":
             main_resume = "none"                   # stage 2 then starts from where stage 1 ends
         else:

@@ -225,6 +225,9 @@ def optimizer_groups(exp: Experiment) -> tuple[Group, ...]:
     return _groups(exp.train)
 
 
+RESUME_WORDS = ("", "auto", "none")   # train.resume values that are not a checkpoint folder
+
+
 def validate(exp: Experiment, world_size: int = 1) -> Experiment:
     """Raise ConfigError on anything that would fail later (all at start, not after an hour)."""
     t, e, c, p = exp.train, exp.eval, exp.checkpoint, exp.parallel
@@ -266,10 +269,11 @@ def validate(exp: Experiment, world_size: int = 1) -> Experiment:
         errs.append("eval.every, eval.max_samples, checkpoint.every and checkpoint.keep_last must be >= 0")
     if e.max_new_tokens < 1 or e.show < 0:
         errs.append(f"eval.max_new_tokens={e.max_new_tokens} must be >= 1 and eval.show={e.show} >= 0")
-    if t.resume not in ("", "auto", "none") and not Path(t.resume).is_dir():
+    if t.resume not in RESUME_WORDS and not Path(t.resume).is_dir():
         errs.append(f"train.resume={t.resume!r}: no such checkpoint folder (use auto, none, or a "
                     "checkpoints/step_N folder of a run)")
-    if p.pp_schedule not in ("gpipe", "1f1b"):
+    from neva.parallel.pipeline import SCHEDULES
+    if p.pp_schedule not in SCHEDULES:
         errs.append(f"parallel.pp_schedule={p.pp_schedule!r}: use gpipe or 1f1b")
     if t.mode == "func" and p.pp > 1:
         errs.append("train.mode=func with parallel.pp > 1: the pipeline schedule runs each stage's backward "

@@ -146,7 +146,7 @@ sys.path.insert(0, os.environ["HELPERS"])
 from dataclasses import replace
 from neva import experiment as X
 from neva.train import checkpoint as C, loop
-from train_helpers import batch, params, tiny_cfg
+from train_helpers import Source, params, tiny_cfg
 
 orig = C.dcp.save
 def slow_save(sd, checkpoint_id):          # the test kills us inside the save of step PAUSE_AT
@@ -156,18 +156,9 @@ def slow_save(sd, checkpoint_id):          # the test kills us inside the save o
         time.sleep(60)
 C.dcp.save = slow_save
 
-class Source:
-    def __init__(self, cfg): self.cfg, self.i = cfg, 0
-    def state_dict(self): return {"i": self.i}
-    def load_state_dict(self, d): self.i = d["i"]
-    def __iter__(self):
-        while True:
-            self.i += 1
-            yield batch(self.cfg, B=4, T=32, seed=self.i)
-
 cfg = tiny_cfg()
 exp = X.parse(sys.argv[1:], X.Experiment(model=cfg))
-loop.train(replace(exp, train=replace(exp.train, warmup=1, lr=3e-3)), params(cfg), Source(cfg))
+loop.train(replace(exp, train=replace(exp.train, warmup=1, lr=3e-3)), params(cfg), Source(cfg, first_seed=1))
 '''
 
 

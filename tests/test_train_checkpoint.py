@@ -18,32 +18,19 @@ from neva.train import step as S
 from train_helpers import batch, max_diff, params, tiny_cfg
 
 SCRIPT = textwrap.dedent('''
-    import os, sys, time, torch
+    import os, sys, torch
     sys.path.insert(0, os.environ["HELPERS"])
     from dataclasses import replace
     from neva import experiment as X
     from neva.train import loop
-    from train_helpers import batch, params, tiny_cfg
-
-    class Source:
-        """Batch i is fixed by i; global-RNG noise on the images checks that RNG state resumes too."""
-        def __init__(self, cfg): self.cfg, self.i = cfg, 0
-        def state_dict(self): return {"i": self.i}
-        def load_state_dict(self, d): self.i = d["i"]
-        def __iter__(self):
-            while True:
-                b = batch(self.cfg, B=4, T=32, seed=self.i)
-                b["pixel_values"] = b["pixel_values"] + 0.1 * torch.randn_like(b["pixel_values"])
-                self.i += 1
-                if self.i > int(os.environ.get("SLOW_AFTER", 10**9)):
-                    time.sleep(2.0)                 # give the test time to kill us after the checkpoint
-                yield b
+    from train_helpers import Source, params, tiny_cfg
 
     cfg = tiny_cfg()
     exp = X.parse(sys.argv[1:], X.Experiment(model=cfg))
     exp = replace(exp, train=replace(exp.train, warmup=2, lr=3e-3))
     torch.manual_seed(123)
-    loop.train(exp, params(cfg), Source(cfg))
+    slow = os.environ.get("SLOW_AFTER")            # give the test time to kill us after the checkpoint
+    loop.train(exp, params(cfg), Source(cfg, noise=0.1, slow_after=int(slow) if slow else None))
 ''')
 
 

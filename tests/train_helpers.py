@@ -39,3 +39,29 @@ def params(cfg: ModelConfig, seed: int = 0) -> dict:
 
 def max_diff(a: dict, b: dict) -> float:
     return max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
+
+
+class Source:
+    """A resumable stream of ``batch`` es for loop.train in subprocess tests: batch i is fixed by
+    ``first_seed + i``; ``noise`` adds global-RNG noise to the images (so RNG state must resume too);
+    after ``slow_after`` batches each takes 2 s (time for a test to kill the run)."""
+
+    def __init__(self, cfg: ModelConfig, first_seed: int = 0, noise: float = 0.0, slow_after: int | None = None):
+        self.cfg, self.i, self.first_seed, self.noise, self.slow_after = cfg, 0, first_seed, noise, slow_after
+
+    def state_dict(self) -> dict:
+        return {"i": self.i}
+
+    def load_state_dict(self, d: dict) -> None:
+        self.i = d["i"]
+
+    def __iter__(self):
+        import time
+        while True:
+            b = batch(self.cfg, B=4, T=32, seed=self.first_seed + self.i)
+            if self.noise:
+                b["pixel_values"] = b["pixel_values"] + self.noise * torch.randn_like(b["pixel_values"])
+            self.i += 1
+            if self.slow_after is not None and self.i > self.slow_after:
+                time.sleep(2.0)
+            yield b

@@ -5,7 +5,8 @@ count; MoE losses by the step's global micro-batch count), so shared leaves are 
   - every leaf over the data ranks that see different samples: dp x ep for non-expert leaves, dp
     for expert leaves (experts already receive every ep rank's tokens through the all-to-all);
   - under SP, LLM leaves not sharded by tp (norms, router) over tp: each tp rank saw only its slice
-    of the sequence (Megatron all-reduces these "sequence-parallel" gradients too).
+    of the sequence (Megatron all-reduces these "sequence-parallel" gradients too); so are leaves the
+    caller names as tp-partial (LoRA factors of tp-sharded weights), each leaf once.
 """
 from __future__ import annotations
 
@@ -33,11 +34,14 @@ def _bucket_all_reduce(tensors: list[Tensor], group) -> None:
             off += t.numel()
 
 
-def sync_grads(grads: dict, placements: dict[str, tuple], dist: Dist) -> dict:
-    """Sum ``grads`` (local shards, same tree as the local params) over the ranks sharing them."""
+def sync_grads(grads: dict, placements: dict[str, tuple], dist: Dist, tp_partial: set[str] = frozenset()) -> dict:
+    """Sum ``grads`` (local shards, same tree as the local params) over the ranks sharing them.
+    ``tp_partial``: leaves whose gradient each tp rank holds only a part of (e.g. a LoRA factor of a
+    tp-sharded weight), summed over tp as well."""
     flat = flatten(grads)
-    if dist.sp:
-        _bucket_all_reduce([g for p, g in flat.items() if p.startswith("llm/") and "tp" not in placements[p]], dist.tp)
+    over_tp = [g for p, g in flat.items()
+               if p in tp_partial or (dist.sp and p.startswith("llm/") and "tp" not in placements[p])]
+    _bucket_all_reduce(over_tp, dist.tp)
     _bucket_all_reduce([g for p, g in flat.items() if "ep" not in placements[p]], dist.data)
     _bucket_all_reduce([g for p, g in flat.items() if "ep" in placements[p]], dist.dp)
     return unflatten(flat)

@@ -132,14 +132,9 @@ class Parallel:
         if self.single:
             return grads
         pl = self.placements(grads)
-        sync_grads(grads, pl, self.dist)
         # a LoRA factor replicated over tp multiplies a tp-sharded weight slice: its gradient is partial
-        # (under SP the LLM's tp-replicated leaves were summed over tp already)
-        partial = [g for p, g in grads.items() if _LORA.match(p) and "tp" not in pl[p]
-                   and "tp" in pl[_LORA.match(p).group(1)] and not (self.dist.sp and p.startswith("llm/"))]
-        if partial and self.dist.tp is not None:
-            from neva.parallel.grads import _bucket_all_reduce
-            _bucket_all_reduce(partial, self.dist.tp)
+        partial = {p for p in grads if (m := _LORA.match(p)) and "tp" not in pl[p] and "tp" in pl[m.group(1)]}
+        sync_grads(grads, pl, self.dist, tp_partial=partial)
         return grads
 
     def sq_norm(self, grads: dict[str, Tensor]) -> Tensor:
@@ -181,7 +176,7 @@ class Parallel:
     def share_updates(self, params: dict, trainable: list[str]) -> None:
         """ZeRO-1, after the optimizer step: each dp rank broadcasts the leaves it updated, one
         flat bucket per owner and dtype, so every replica holds the new values."""
-        if self.owned(flatten(params), trainable) is None:
+        if not self.zero1 or self.layout.dp == 1:
             return
         flat = flatten(params)
         by: dict[tuple, list[Tensor]] = {}

@@ -53,14 +53,12 @@ def train_losses(rank: int | None, layout: Layout | None, cfg: ModelConfig, para
         rows = [train_step(state, micro_split(split_batch(b, cfg, d.data_size, _data_index(layout, rank)),
                                               grad_accum, cfg), setup) for b in batches]
         full = par.gather(state.params)
-        mine = {"opt_leaves": sorted(state.opt_state["m"]),
-                "opt_numel": sum(t.numel() for part in ("m", "v", "master") for t in state.opt_state.get(part, {}).values())}
-        if rank != 0:
-            return mine if zero1 else None
-        if zero1:
-            return {"losses": [r["loss"] for r in rows], "grad_norms": [r["grad_norm"] for r in rows], "params": full,
-                    **mine}
-    return {"losses": [r["loss"] for r in rows], "grad_norms": [r["grad_norm"] for r in rows], "params": full}
+    opt = {"opt_leaves": sorted(state.opt_state["m"]),
+           "opt_numel": sum(t.numel() for part in ("m", "v", "master") for t in state.opt_state.get(part, {}).values())
+           } if zero1 else {}
+    if rank not in (None, 0):
+        return opt or None
+    return {"losses": [r["loss"] for r in rows], "grad_norms": [r["grad_norm"] for r in rows], "params": full, **opt}
 
 
 def _data_index(layout: Layout, rank: int) -> int:

@@ -246,14 +246,15 @@ def load(path: str | Path, state: TrainState, par=None, frozen: dict | None = No
     have = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
     missing = [k for k in sd if k not in have]
     extra = [k for k in have if k not in sd]
-    if par is not None and par.layout.pp > 1:  # other stages' leaves are theirs to load
+    if par is not None and extra:              # keys that other ranks of this layout load
         from neva.parallel.dtensor import leaf_of
-        model_leaves = set(par.placements())
-        extra = [k for k in extra if (leaf_of(k) or "").split("_lora_")[0] not in model_leaves]
-    if par is not None and par.zero1:          # ZeRO-1: other dp ranks keep the rest of the optimizer state
-        from neva.parallel.dtensor import leaf_of
-        trained = set(state.trainable)
-        extra = [k for k in extra if not (k.startswith("optim/") and leaf_of(k) in trained)]
+        model_leaves, trained = set(par.placements()), set(state.trainable)
+
+        def elsewhere(k: str) -> bool:
+            leaf = leaf_of(k) or ""
+            return ((par.layout.pp > 1 and leaf.split("_lora_")[0] in model_leaves)  # another stage's leaf
+                    or (par.zero1 and k.startswith("optim/") and leaf in trained))   # another dp rank's state
+        extra = [k for k in extra if not elsewhere(k)]
     if missing or extra:
         raise CheckpointError(
             f"checkpoint {path} does not fit this model/optimizer: missing {missing[:6]}"

@@ -167,10 +167,10 @@ def _finish(grads: dict[str, Tensor], acc: Tensor, cfg: ModelConfig, dist: Dist,
         acc = torch.cat([acc[:1], comm.all_reduce_nograd(acc[1:3], dist.tp, "sum"), acc[3:]])
     acc = comm.all_reduce_nograd(acc, dist.data, "sum")
     ce, aux, z, loss = acc.tolist()
-    if cfg.llm.n_experts:  # the step's loss from its parts (under SP no rank holds the whole MoE share)
-        loss = ce + (cfg.llm.aux_loss_coef * aux + cfg.llm.z_loss_coef * z) / model.n_moe_layers(cfg)
-    if cfg.llm.n_experts:  # report per-layer means, as the loss weights them
+    if cfg.llm.n_experts:
         L = model.n_moe_layers(cfg)
+        # the step's loss from its parts (under SP no rank holds the whole MoE share); per-layer means
+        loss = ce + (cfg.llm.aux_loss_coef * aux + cfg.llm.z_loss_coef * z) / L
         aux, z = aux / L, z / L
     return grads, {"loss": loss, "ce": ce, "aux": aux, "z": z, "n_tokens": int(n_total)}
 
