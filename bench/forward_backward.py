@@ -22,7 +22,7 @@ import torch
 
 import neva
 import neva.hf
-from neva.params import cast, flatten, unflatten
+from neva.params import flatten, unflatten
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 

@@ -24,8 +24,8 @@ import siglip_mixtral as main_job  # noqa: E402
 from neva import model  # noqa: E402
 from neva.data import build_loader, tokenizers  # noqa: E402
 from neva.parallel.plan import Layout  # noqa: E402
-from neva.parallel.testing import GlooPool  # noqa: E402
-from neva.parallel.testing_runs import train_losses  # noqa: E402
+from neva.testing import GlooPool  # noqa: E402
+from neva.testing.runs import train_losses  # noqa: E402
 
 LAYOUTS = {"tp2xpp2": (Layout(tp=2, pp=2), 2), "tp2+sp,ep2": (Layout(tp=2, ep=2, sp=True), 1),
            "dp2xtp2": (Layout(tp=2, dp=2), 1)}

@@ -32,14 +32,15 @@ from pathlib import Path
 import torch
 
 from neva import experiment as X
+from neva import model
 from neva.config import LLMConfig, ModelConfig, ProjectorConfig, VisionConfig
 from neva.data import DataConfig, build_loader
 from neva.data import synthetic, tokenizers
-from neva.params import flatten
 from neva.export import base_params, sources
+from neva.params import flatten
 from neva.parallel import runtime
 from neva.train import checkpoint as ckpt
-from neva.train import loop, optim, qa_eval, report
+from neva.train import lora, loop, qa_eval, report
 from neva.train.step import NonFiniteLoss
 
 DATA = "data/synthetic"
@@ -109,13 +110,6 @@ def ensure_data(exp: X.Experiment) -> None:
     print("  " + ", ".join(f"{k}={v}" for k, v in counts.items()))
 
 
-def frozen_base(exp: X.Experiment, params: dict, setup) -> dict | None:
-    """Checkpoints leave out the leaves a stage does not train when they come from HF folders."""
-    if not (exp.model.vision.from_pretrained or exp.model.llm.from_pretrained):
-        return None
-    return ckpt.frozen_info(params, optim.trainable_paths(params, setup.opt), sources(exp))
-
-
 def main(argv: list[str]) -> dict:
     t_start = time.time()
     recipe, argv = split_recipe(argv)
@@ -130,8 +124,11 @@ def main(argv: list[str]) -> dict:
     torch.manual_seed(exp.train.seed)
     cfg, params = base_params(exp)                 # full on every rank; big HF models: par.hf_slices
     exp = replace(exp, model=cfg)
-    pc = exp.parallel
-    par = runtime.setup(cfg, pc.tp, pc.pp, pc.ep, pc.sp, schedule=pc.pp_schedule, zero1=pc.zero1)
+    pc, t = exp.parallel, exp.train
+    specs = model.specs(cfg)                       # what the plan places: the model, and LoRA factors if any
+    if t.lora:
+        specs = lora.specs(specs, lora.LoraConfig(t.lora, t.lora_rank, t.lora_alpha, t.seed))
+    par = runtime.setup(cfg, pc.tp, pc.pp, pc.ep, pc.sp, schedule=pc.pp_schedule, zero1=pc.zero1, specs=specs)
     if not par.single:
         torch.distributed.barrier()                # rank 0 may have been writing the dataset
     say = print if par.main else (lambda *a, **k: None)
@@ -142,38 +139,22 @@ def main(argv: list[str]) -> dict:
         say(par.plan.summary(cfg, par.specs))
         if pc.zero1 and par.layout.dp > 1:
             say(f"ZeRO-1: the optimizer state of each leaf on one of the {par.layout.dp} dp ranks")
-    rank, world_data = par.dist.data_rank, par.dist.data_size
-    t = exp.train
-    local = par.shard(params)
-    pre_resume, main_resume, run_stage1 = t.resume, t.resume, bool(t.pretrain_steps)
-    if t.pretrain_steps and t.resume not in X.RESUME_WORDS:   # a path: resume the stage it belongs to
-        if ckpt.tag_of(t.resume) == "pretrain":
-            main_resume = "none"                   # stage 2 then starts from where stage 1 ends
-        else:
-            run_stage1 = False                     # a stage-2 checkpoint holds all that stage 2 trains
-    if run_stage1:
-        pre_data = replace(exp.data, data_path=t.pretrain_data or exp.data.data_path, template=t.pretrain_template)
-        pre = replace(exp, data=pre_data, train=replace(t, lr=t.pretrain_lr or t.lr, warmup=min(t.warmup, t.pretrain_steps // 4),
-                                                        resume=pre_resume))
-        groups = X.optimizer_groups(replace(pre, train=replace(pre.train, freeze=t.pretrain_freeze)))
-        setup = loop.make_setup(pre, steps=t.pretrain_steps, groups=groups, par=par)
-        loader = build_loader(pre_data, cfg, tok=tok, progress=exp.run.progress and par.main, rank=rank, world=world_data)
-        res = loop.train(pre, local, loader, setup=setup, steps=t.pretrain_steps, tag="pretrain", desc="stage 1 (captions)",
-                         par=par, frozen=frozen_base(exp, params, setup))
-        local = loop.plain_params(exp, res.state, merge_lora=False)
-    offset = t.pretrain_steps
-    exp = replace(exp, train=replace(t, resume=main_resume))
-    loader = build_loader(exp.data, cfg, tok=tok, progress=exp.run.progress and par.main, rank=rank, world=world_data)
     eval_sets = report.eval_sets(exp, cfg, tok)
-    priors = qa_eval.prior_answers(qa_eval.training_answers(loader.ds.records))
+    priors: dict = {}                              # the main stage's most common answer per question type
+
+    def batches_for(stage: loop.Stage):
+        loader = build_loader(stage.exp.data, cfg, tok=tok, progress=exp.run.progress and par.main,
+                              rank=par.dist.data_rank, world=par.dist.data_size)
+        if not stage.tag:
+            priors.update(qa_eval.prior_answers(qa_eval.training_answers(loader.ds.records)))
+        return loader
 
     def eval_fn(p: dict, step: int) -> dict:
         full = par.gather(p)                       # evaluation runs on rank 0, on the whole model
         return report.eval_rows(full, cfg, eval_sets, priors, exp, limit=exp.eval.max_samples or 200) if par.main else {}
 
-    setup = loop.make_setup(exp, par=par)
-    res = loop.train(exp, local, loader, eval_fn=eval_fn, tag="", step_offset=offset, setup=setup, par=par,
-                     frozen=frozen_base(exp, params, setup), desc="stage 2 (questions)" if offset else "train")
+    from_hf = exp.model.vision.from_pretrained or exp.model.llm.from_pretrained
+    res = loop.run(exp, params, batches_for, par=par, eval_fn=eval_fn, sources=sources(exp) if from_hf else None)
     final = par.gather(loop.plain_params(exp, res.state))
     t_train = time.time() - t_start
     if not par.main:

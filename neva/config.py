@@ -2,15 +2,16 @@
 
 A NeVA is ``ModelConfig(vision=VisionConfig, projector=ProjectorConfig, llm=LLMConfig)``. Backbones
 are configs of one decoder function (``neva/llm.py``); the presets below give the published shapes
-and ``tiny()`` shrinks any of them for tests. Swap a part with ``dataclasses.replace``.
+and ``tiny()`` shrinks any of them for tests. Swap a part with ``dataclasses.replace``; ``kind``
+strings name parts in ``neva.registry`` (where an experiment registers its own).
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field, replace
 
-LLM_KINDS = ("llama", "mistral", "mixtral", "nemotron")
-VISION_KINDS = ("clip", "siglip")
+from neva.registry import ENCODERS, FFNS, PROJECTORS
+
+LLM_KINDS = ("llama", "mistral", "mixtral", "nemotron")   # HF families; the compute is one decoder
 
 
 @dataclass(frozen=True)
@@ -26,7 +27,7 @@ class RopeScaling:
 
 @dataclass(frozen=True)
 class VisionConfig:
-    kind: str = "siglip"                 # clip (class token, pre-LN, quick_gelu) | siglip (no class token)
+    kind: str = "siglip"                 # a registered encoder: clip (class token, pre-LN) | siglip | yours
     image_size: int = 384
     patch_size: int = 14
     dim: int = 1152
@@ -44,10 +45,6 @@ class VisionConfig:
         return self.image_size // self.patch_size
 
     @property
-    def n_positions(self) -> int:
-        return self.grid**2 + (1 if self.kind == "clip" else 0)
-
-    @property
     def layers_used(self) -> int:
         """How many encoder layers run to reach ``select_layer``."""
         return self.select_layer if self.select_layer >= 0 else self.n_layers + 1 + self.select_layer
@@ -55,22 +52,13 @@ class VisionConfig:
     @property
     def tokens_out(self) -> int:
         """Tokens per image leaving the encoder."""
-        has_cls = self.kind == "clip" and self.select_feature == "cls_patch"
-        return self.grid**2 + (1 if has_cls else 0)
+        return ENCODERS[self.kind].tokens(self)
 
 
 @dataclass(frozen=True)
 class ProjectorConfig:
-    kind: str = "mlp2x_gelu"             # linear | mlp{N}x_gelu | mlp_downsample | identity
+    kind: str = "mlp2x_gelu"             # a registered projector: linear | mlp{N}x_gelu | mlp_downsample | identity
     bias: bool = True
-
-    @property
-    def depth(self) -> int:
-        if self.kind == "linear":
-            return 1
-        if self.kind.startswith("mlp") and self.kind.endswith("x_gelu"):
-            return int(self.kind[3:-6])
-        return 0
 
 
 @dataclass(frozen=True)
@@ -83,7 +71,7 @@ class LLMConfig:
     n_kv_heads: int = 8
     head_dim: int | None = None          # default dim // n_heads
     ffn_dim: int = 14336
-    mlp: str = "swiglu"                  # swiglu | relu2 | gelu | gelu_tanh
+    mlp: str = "swiglu"                  # a registered FFN: swiglu | relu2 | gelu | gelu_tanh (n_experts > 0: moe)
     norm: str = "rms"                    # rms | layernorm1p
     eps: float = 1e-5
     rope_theta: float = 10000.0
@@ -110,6 +98,11 @@ class LLMConfig:
     def rot_dim(self) -> int:
         return int(self.hd * self.rotary_pct)
 
+    @property
+    def ffn(self) -> str:
+        """The registered FFN each block runs: ``moe`` when there are experts, else ``mlp``."""
+        return "moe" if self.n_experts else self.mlp
+
 
 @dataclass(frozen=True)
 class ModelConfig:
@@ -122,19 +115,13 @@ class ModelConfig:
     @property
     def tokens_per_image(self) -> int:
         """Media tokens one image (or one video frame) becomes in the LLM sequence."""
-        n = self.vision.tokens_out
-        if self.projector.kind == "mlp_downsample":
-            if self.vision.select_feature == "cls_patch":
-                raise ValueError("mlp_downsample needs select_feature=patch (a square grid of patches)")
-            g = math.ceil(self.vision.grid / 2)
-            return g * g
-        return n
+        return PROJECTORS[self.projector.kind].tokens(self.vision.tokens_out, self)
 
     def validate(self) -> "ModelConfig":
         """Raise on a config that cannot build, naming the field and what would fit."""
         v, l, p = self.vision, self.llm, self.projector
-        if v.kind not in VISION_KINDS:
-            raise ValueError(f"model.vision.kind={v.kind!r}: use one of {VISION_KINDS}")
+        for registry, name in ((ENCODERS, v.kind), (PROJECTORS, p.kind), (FFNS, l.ffn)):
+            registry[name]                                    # raises, naming every registered part
         if l.kind not in LLM_KINDS:
             raise ValueError(f"model.llm.kind={l.kind!r}: use one of {LLM_KINDS}")
         if v.image_size < v.patch_size:
@@ -145,10 +132,9 @@ class ModelConfig:
             raise ValueError(f"model.vision.select_layer={v.select_layer} out of range for {v.n_layers} layers")
         if v.select_feature not in ("patch", "cls_patch"):
             raise ValueError(f"model.vision.select_feature={v.select_feature!r}: use patch or cls_patch")
-        if p.kind not in ("linear", "identity", "mlp_downsample") and p.depth < 1:
-            raise ValueError(f"model.projector.kind={p.kind!r}: use linear, mlpNx_gelu (N>=1), mlp_downsample or identity")
         if p.kind == "identity" and v.dim != l.dim:
             raise ValueError(f"projector identity needs vision dim == llm dim (got {v.dim} and {l.dim})")
+        _ = self.tokens_per_image                             # a projector that cannot take these tokens says so
         if l.n_heads % l.n_kv_heads:
             raise ValueError(f"model.llm.n_heads={l.n_heads} is not a multiple of n_kv_heads={l.n_kv_heads}")
         if l.head_dim is None and l.dim % l.n_heads:

@@ -35,7 +35,7 @@ def base_params(exp: X.Experiment) -> tuple[ModelConfig, dict]:
         if not (cfg.vision.from_pretrained and cfg.llm.from_pretrained):
             raise X.ConfigError("set both model.vision.from_pretrained and model.llm.from_pretrained (or neither)")
         from neva import hf
-        from neva.train.report import add_image_token
+        from neva.hf.vocab import add_image_token
         loaded, params = hf.load_parts(cfg.vision.from_pretrained, cfg.llm.from_pretrained, cfg.projector.kind,
                                        seed=exp.train.seed, select_layer=cfg.vision.select_layer,
                                        select_feature=cfg.vision.select_feature)

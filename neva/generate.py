@@ -13,14 +13,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from neva import llm, model
+from neva.comm import LOCAL, Dist
 from neva.config import ModelConfig
-from neva.layers.attention import make_mask
-from neva.layers.rope import cos_sin, inv_freq
-from neva.parallel.comm import LOCAL, Dist
 
 
 @dataclass(frozen=True)
@@ -91,20 +88,15 @@ def _next(logits_bv: Tensor, seen_bt: Tensor, s: Sampling, gen: torch.Generator)
     return torch.multinomial(x.softmax(-1), 1, generator=gen)[:, 0]
 
 
-def _forward(params: dict, cfg: ModelConfig, x_btd: Tensor, pos_bt: Tensor, q_idx: Tensor, kv_valid: Tensor,
+def _forward(params: dict, cfg: ModelConfig, x_btd: Tensor, pos_bt: Tensor, q_slots_t: Tensor, kv_valid: Tensor,
              cache: dict, cache_pos: int, dist: Dist) -> Tensor:
-    """Run the decoder on embeddings ``x`` at sequence slots ``q_idx`` -> logits at the last slot [B, V]."""
+    """The trunk on embeddings ``x`` at cache slots ``q_slots`` -> logits at the last slot [B, V]."""
     lc = cfg.llm
-    B, T, _ = x_btd.shape
-    rope = cos_sin(pos_bt, inv_freq(lc.rot_dim, lc.rope_theta, lc.rope_scaling), x_btd.dtype)
-    S = kv_valid.shape[1]
-    mask = make_mask(q_idx.expand(B, T), torch.arange(S).expand(B, S), causal=True, window=lc.sliding_window,
-                     k_valid=kv_valid)
-    ctx = llm.Context(rope=rope, mask=mask, valid=kv_valid[:, cache_pos:cache_pos + T], cache=cache,
-                      cache_pos=cache_pos)
+    T = x_btd.shape[1]
+    ctx = llm.context(lc, pos_bt, x_btd.dtype, k_valid_bs=kv_valid, q_slots_t=q_slots_t,
+                      valid_bt=kv_valid[:, cache_pos:cache_pos + T], cache=cache, cache_pos=cache_pos)
     h, _, _ = llm.layers(params["llm"], x_btd, ctx, lc, dist, range(lc.n_layers), moe_dispatch=cfg.moe_dispatch)
-    h = llm.norm(params["llm"]["norm"], h[:, -1:], lc)
-    return F.linear(h[:, 0], llm.lm_head_weight(params["llm"])).float()
+    return llm.head(params["llm"], h[:, -1:], lc, dist)[:, 0].float()
 
 
 @torch.no_grad()

@@ -1,11 +1,14 @@
-"""One decoder function, configured into Llama 2/3/3.1, Mistral, Mixtral and Nemotron-4.
+"""One decoder, configured into Llama 2/3/3.1, Mistral, Mixtral and Nemotron-4: the trunk that the
+model's forward, each pipeline stage and generation all run.
 
-  x = embed(ids) (+ media spliced in by model.py)
-  per layer:  x += attn(norm(x));  x += mlp_or_moe(norm(x))
-  logits = norm(x) @ lm_head.T
+  ctx = context(cfg, positions, ...)           rotary tables, attention mask, MoE token mask, KV cache
+  x = embed(p, ids, dist)                      (media are spliced in by model.py)
+  x, aux, z = layers(p, x, ctx, cfg, dist, ids)  any range of layers: x += attn(norm(x)); x += ffn(norm(x))
+  logits = head(p, x, cfg, dist)               final norm, then x @ lm_head.T (this rank's vocab slice)
 
 Llama/Mistral: RMSNorm, SwiGLU, full rotary (Llama-3.1 scaling, Mistral sliding window).
-Mixtral: the MLP is a top-k MoE. Nemotron: LayerNorm1p, squared-ReLU MLP, rotary on half of each head.
+Mixtral: the FFN is a top-k MoE. Nemotron: LayerNorm1p, squared-ReLU MLP, rotary on half of each head.
+The FFN of a block is looked up by name in ``neva.registry.FFNS`` (``cfg.ffn``).
 
 Init: embed and lm_head normal(init_std); q/k/v, w1/w3 normal(init_std); wo, w2 (the projections
 into the residual stream) normal(init_std / sqrt(2 * n_layers)); norms ones (LayerNorm1p: zeros).
@@ -17,35 +20,33 @@ from dataclasses import dataclass
 from typing import Callable, Iterable
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
+from neva import comm
+from neva.comm import Dist
 from neva.config import LLMConfig
-from neva.layers.attention import attention, attention_specs
+from neva.layers.attention import attention, attention_specs, make_mask
+from neva.layers.embedding import embed as embed_tokens
 from neva.layers.embedding import embedding_specs
-from neva.layers.mlp import mlp, mlp_specs, swiglu, swiglu_specs
+from neva.layers.mlp import ACTS, mlp, mlp_specs, swiglu, swiglu_specs
 from neva.layers.moe import moe, moe_specs
 from neva.layers.norm import NORMS
+from neva.layers.rope import cos_sin, inv_freq
 from neva.params import ParamSpec, normal
-from neva.parallel.comm import Dist
+from neva.registry import FFN, FFNS
 
 
 def specs(cfg: LLMConfig) -> dict:
     std, out_std = cfg.init_std, cfg.init_std / math.sqrt(2 * cfg.n_layers)
     norm_specs = NORMS[cfg.norm][0]
-
-    def ffn():
-        if cfg.n_experts:
-            return moe_specs(cfg.dim, cfg.ffn_dim, cfg.n_experts, std, out_std)
-        if cfg.mlp == "swiglu":
-            return swiglu_specs(cfg.dim, cfg.ffn_dim, std, out_std)
-        return mlp_specs(cfg.dim, cfg.ffn_dim, bias=False, std=std, out_std=out_std)
-
+    ffn = FFNS[cfg.ffn]
     out = {"embed": embedding_specs(cfg.vocab_size, cfg.dim, std),
            "layers": {str(i): {"attn_norm": norm_specs(cfg.dim),
                                "attn": attention_specs(cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.hd,
                                                        std=std, out_std=out_std),
                                "mlp_norm": norm_specs(cfg.dim),
-                               "mlp": ffn()}
+                               "mlp": ffn.specs(cfg, std, out_std)}
                       for i in range(cfg.n_layers)},
            "norm": norm_specs(cfg.dim)}
     if not cfg.tie_embeddings:
@@ -69,53 +70,84 @@ class Context:
     cache_pos: int = 0
 
 
+def context(cfg: LLMConfig, pos_bt: Tensor, dtype: torch.dtype, *, mask: bool = True,
+            segments_bt: Tensor | None = None, k_valid_bs: Tensor | None = None, q_slots_t: Tensor | None = None,
+            valid_bt: Tensor | None = None, cache: dict | None = None, cache_pos: int = 0) -> Context:
+    """The Context of a forward over positions ``pos`` int[B, T] (rotary tables in ``dtype``).
+
+    ``mask=False``: plain causal attention, no mask built (SDPA's ``is_causal``). Otherwise a mask
+    over S key slots (S = ``k_valid``'s width, else T): causal and windowed by slot, never across
+    packed samples (``segments``), never to padding (``k_valid`` bool[B, S]); ``q_slots`` int[T] are
+    the queries' slots (default 0..T-1; generation: past the cache). ``valid``: MoE token mask."""
+    B, T = pos_bt.shape
+    rope = cos_sin(pos_bt, inv_freq(cfg.rot_dim, cfg.rope_theta, cfg.rope_scaling), dtype)
+    m = None
+    if mask:
+        S = T if k_valid_bs is None else k_valid_bs.shape[1]
+        q = torch.arange(T, device=pos_bt.device) if q_slots_t is None else q_slots_t
+        m = make_mask(q.expand(B, T), torch.arange(S, device=pos_bt.device).expand(B, S), causal=True,
+                      window=cfg.sliding_window, q_seg=segments_bt, k_seg=segments_bt, k_valid=k_valid_bs)
+    return Context(rope=rope, mask=m, valid=valid_bt, cache=cache, cache_pos=cache_pos)
+
+
+def embed(p: dict, ids_bt: Tensor, dist: Dist) -> Tensor:
+    """int[B, T] -> [B, T, D], whole on every tp rank (vocab-parallel lookup, then an all-reduce)."""
+    return embed_tokens(p["embed"], ids_bt, dist)
+
+
 def block(p: dict, x: Tensor, ctx: Context, cfg: LLMConfig, dist: Dist, layer: int,
           moe_dispatch: str = "sorted") -> tuple[Tensor, Tensor, Tensor]:
     """One decoder layer: x [B, T(/tp), D] -> (x, aux, z); aux and z are 0 for dense layers."""
     cache = None if ctx.cache is None else ctx.cache[layer]
     x = x + attention(p["attn"], norm(p["attn_norm"], x, cfg), dist, head_dim=cfg.hd, rope=ctx.rope,
                       mask=ctx.mask, cache=cache, cache_pos=ctx.cache_pos)
-    h = norm(p["mlp_norm"], x, cfg)
-    if cfg.n_experts:
-        y, aux, z = moe(p["mlp"], h, dist, top_k=cfg.top_k, dispatch=moe_dispatch, valid_bt=ctx.valid)
-        return x + y, aux, z
-    y = swiglu(p["mlp"], h, dist) if cfg.mlp == "swiglu" else mlp(p["mlp"], h, dist, cfg.mlp)
-    zero = x.new_zeros((), dtype=torch.float32)
-    return x + y, zero, zero
-
-
-Remat = Callable[..., tuple[Tensor, Tensor, Tensor]]
+    y, aux, z = FFNS[cfg.ffn].apply(p["mlp"], norm(p["mlp_norm"], x, cfg), cfg, dist, valid=ctx.valid,
+                                    dispatch=moe_dispatch)
+    return x + y, aux, z
 
 
 def layers(p: dict, x: Tensor, ctx: Context, cfg: LLMConfig, dist: Dist, ids: Iterable[int],
-           moe_dispatch: str = "sorted", remat: Remat | None = None,
-           remat_ids: frozenset[int] = frozenset(), remat_chunk: int = 1) -> tuple[Tensor, Tensor, Tensor]:
-    """Run layers ``ids`` (global indices; a pipeline stage runs its own range).
-    -> (x, sum of aux, sum of z) over those layers.
-
-    remat(fn, chunk_params, x) recomputes ``fn`` in the backward instead of storing its activations;
-    it wraps runs of up to ``remat_chunk`` consecutive layers of ``remat_ids`` (chunk_params is
-    {layer id: that layer's params})."""
+           moe_dispatch: str = "sorted") -> tuple[Tensor, Tensor, Tensor]:
+    """Run layers ``ids`` (global indices: a pipeline stage runs its own range; ``p["layers"]`` needs
+    only those) -> (x, sum of aux, sum of z over them)."""
     aux = z = x.new_zeros((), dtype=torch.float32)
-
-    def run(lps: dict, xx: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        a = zz = xx.new_zeros((), dtype=torch.float32)
-        for i, lp in lps.items():
-            xx, da, dz = block(lp, xx, ctx, cfg, dist, int(i), moe_dispatch)
-            a, zz = a + da, zz + dz
-        return xx, a, zz
-
-    ids, k = list(ids), 0
-    while k < len(ids):
-        chunk = [ids[k]]
-        if remat and ids[k] in remat_ids:
-            while len(chunk) < remat_chunk and k + len(chunk) < len(ids) and ids[k + len(chunk)] in remat_ids:
-                chunk.append(ids[k + len(chunk)])
-        lps = {str(i): p["layers"][str(i)] for i in chunk}
-        x, a, zz = remat(run, lps, x) if (remat and ids[k] in remat_ids) else run(lps, x)
-        aux, z, k = aux + a, z + zz, k + len(chunk)
+    for i in ids:
+        x, a, zz = block(p["layers"][str(i)], x, ctx, cfg, dist, int(i), moe_dispatch)
+        aux, z = aux + a, z + zz
     return x, aux, z
+
+
+Layers = Callable[..., tuple[Tensor, Tensor, Tensor]]   # ``layers`` or a wrapper with its signature (remat)
 
 
 def lm_head_weight(p: dict) -> Tensor:
     return p["lm_head"]["w"] if "lm_head" in p else p["embed"]["w"]
+
+
+def head(p: dict, x_btd: Tensor, cfg: LLMConfig, dist: Dist, rows_bt: Tensor | None = None) -> Tensor:
+    """Final norm and LM head: x [B, T(/tp), D] -> logits [B, T, V/tp] (this rank's vocab slice; the
+    sequence gathered under SP), or [M, V/tp] at the M positions where ``rows`` (bool[B, T]) is set."""
+    h = comm.enter_tp(norm(p["norm"], x_btd, cfg), dist)
+    if rows_bt is not None:
+        h = h[rows_bt]
+    return F.linear(h, lm_head_weight(p))
+
+
+# --------------------------------------------------------------------------- FFNs, by name
+def _dense(fn: Callable) -> Callable:
+    def apply(p: dict, x: Tensor, cfg: LLMConfig, dist: Dist, **_) -> tuple[Tensor, Tensor, Tensor]:
+        zero = x.new_zeros((), dtype=torch.float32)
+        return fn(p, x, dist, cfg), zero, zero
+    return apply
+
+
+def _moe(p: dict, x: Tensor, cfg: LLMConfig, dist: Dist, *, valid=None, dispatch: str = "sorted"):
+    return moe(p, x, dist, top_k=cfg.top_k, dispatch=dispatch, valid_bt=valid)
+
+
+FFNS.register("moe", FFN(lambda c, std, out: moe_specs(c.dim, c.ffn_dim, c.n_experts, std, out), _moe))
+FFNS.register("swiglu", FFN(lambda c, std, out: swiglu_specs(c.dim, c.ffn_dim, std, out),
+                            _dense(lambda p, x, dist, c: swiglu(p, x, dist))))
+for _act in ACTS:                     # two-matrix MLPs without biases: relu2 (Nemotron), gelu, ...
+    FFNS.register(_act, FFN(lambda c, std, out: mlp_specs(c.dim, c.ffn_dim, bias=False, std=std, out_std=out),
+                            _dense(lambda p, x, dist, c: mlp(p, x, dist, c.mlp))))

@@ -1,15 +1,25 @@
-"""Next-token cross-entropy over label positions only, vocab-parallel under TP (no rank ever holds
-the full logits; Megatron's VocabParallelCrossEntropy)."""
+"""The loss: next-token cross-entropy over label positions only, vocab-parallel under TP (no rank ever
+holds the full logits; Megatron's VocabParallelCrossEntropy), and ``LossTerms``, the one contract by
+which a forward reports its share of a step's loss and a step reduces them.
+
+A step's loss is ``CE summed over its label tokens / its label count + (aux_coef * aux + z_coef * z) /
+(MoE layers x micro-batches)``, where the step spans every micro-batch of every data-parallel rank.
+Each forward returns its sums (``LossTerms``); ``total`` weighs them into its share of that loss, so
+the shares of all micro-batches, pipeline stages and ranks add up to the step's loss exactly.
+"""
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+import torch.utils._pytree as pytree
 from torch import Tensor
 
-from neva.parallel import comm
-from neva.parallel.comm import Dist
-
-IGNORE = -100
+from neva import comm
+from neva.batch import IGNORE
+from neva.comm import Dist
+from neva.config import LLMConfig
 
 
 class _VocabParallelCE(torch.autograd.Function):
@@ -62,3 +72,60 @@ def shift_labels(labels_bt: Tensor, segment_bt: Tensor | None = None) -> Tensor:
         cross[:, :-1] = segment_bt[:, 1:] != segment_bt[:, :-1]
         tgt = tgt.masked_fill(cross, IGNORE)
     return tgt
+
+
+def label_count(batch: dict) -> Tensor:
+    """Tokens the loss trains on in a batch: labels that some position predicts (after the shift).
+    A 0-dim tensor, so a count over ranks is one all-reduce away."""
+    return (shift_labels(batch["labels"], batch.get("segment_ids")) != IGNORE).sum()
+
+
+@dataclass
+class LossTerms:
+    """One forward's share of a step's loss, as sums (fp32 scalars): ``ce`` over its label tokens,
+    ``n_tokens`` of them, and the MoE balance (``aux``) and router z-losses summed over the MoE
+    layers it ran (its own tokens' share under SP). A pytree, so it passes through ``torch.func``."""
+
+    ce: Tensor
+    n_tokens: Tensor
+    aux: Tensor
+    z: Tensor
+
+    @staticmethod
+    def zeros(device=None) -> "LossTerms":
+        return LossTerms(*(torch.zeros((), device=device) for _ in range(4)))
+
+    def __add__(self, other: "LossTerms") -> "LossTerms":
+        return LossTerms(self.ce + other.ce, self.n_tokens + other.n_tokens, self.aux + other.aux, self.z + other.z)
+
+    def detach(self) -> "LossTerms":
+        return LossTerms(*(t.detach().float() for t in (self.ce, self.n_tokens, self.aux, self.z)))
+
+    def total(self, cfg: LLMConfig, n_tokens: Tensor | float | None = None, n_micro: int = 1) -> Tensor:
+        """The share of a step's loss these terms make: the step has ``n_tokens`` label tokens and
+        ``n_micro`` micro-batches over all data ranks (default: these terms are the whole step)."""
+        n = self.n_tokens if n_tokens is None else n_tokens
+        loss = self.ce / torch.as_tensor(n).clamp_min(1)
+        if cfg.n_experts:
+            loss = loss + (cfg.aux_loss_coef * self.aux + cfg.z_loss_coef * self.z) / (cfg.n_layers * n_micro)
+        return loss
+
+    def reduce(self, dist: Dist) -> "LossTerms":
+        """Summed over the ranks that hold parts of a step (no autograd): pipeline stages (each its
+        layers' MoE terms, the last one the CE), tp ranks under SP (each its tokens' MoE terms), and
+        the data ranks."""
+        v = torch.stack([self.ce, self.n_tokens, self.aux, self.z]).float()
+        v = comm.all_reduce_nograd(v, dist.pp)
+        if dist.sp:
+            v = torch.cat([v[:2], comm.all_reduce_nograd(v[2:], dist.tp)])
+        return LossTerms(*comm.all_reduce_nograd(v, dist.data).unbind())
+
+    def means(self, cfg: LLMConfig, n_micro: int) -> dict[str, float]:
+        """A step's reduced terms as a metrics row: loss, mean CE per label token, aux and z per MoE
+        layer and micro-batch."""
+        L = (cfg.n_layers if cfg.n_experts else 1) * n_micro
+        return {"loss": float(self.total(cfg, n_micro=n_micro)), "ce": float(self.ce / self.n_tokens.clamp_min(1)),
+                "aux": float(self.aux) / L, "z": float(self.z) / L}
+
+
+pytree.register_dataclass(LossTerms)

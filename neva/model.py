@@ -11,7 +11,8 @@
   segment_ids    int[B, T]   packed samples: attention never crosses a change of id
 
 Every function takes a ``Dist`` (default: one process); under a plan the params are local shards
-and the collectives in the layers do the rest.
+and the collectives in the layers do the rest. The parts are looked up by name in ``neva.registry``;
+the LLM trunk is ``neva/llm.py``'s, which pipeline stages and generation run too.
 """
 from __future__ import annotations
 
@@ -19,20 +20,19 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from neva import llm, projector, vision
+from neva import comm, llm, projector, vision  # noqa: F401 - importing the parts registers them
+from neva.batch import IGNORE
+from neva.comm import LOCAL, Dist
 from neva.config import ModelConfig
-from neva.layers.attention import make_mask
-from neva.layers.embedding import embed
-from neva.layers.rope import cos_sin, inv_freq
-from neva.loss import IGNORE, cross_entropy_sum, shift_labels
+from neva.loss import LossTerms, cross_entropy_sum, shift_labels
 from neva.params import init as init_tree
-from neva.parallel import comm
-from neva.parallel.comm import LOCAL, Dist
+from neva.registry import ENCODERS, PROJECTORS
 
 
 def specs(cfg: ModelConfig) -> dict:
     cfg.validate()
-    return {"vision": vision.specs(cfg.vision), "projector": projector.specs(cfg), "llm": llm.specs(cfg.llm)}
+    return {"vision": ENCODERS[cfg.vision.kind].specs(cfg.vision), "projector": PROJECTORS[cfg.projector.kind].specs(cfg),
+            "llm": llm.specs(cfg.llm)}
 
 
 def init_params(cfg: ModelConfig, seed: int = 0, dtype: torch.dtype = torch.float32) -> dict:
@@ -43,8 +43,8 @@ def init_params(cfg: ModelConfig, seed: int = 0, dtype: torch.dtype = torch.floa
 def encode_images(params: dict, cfg: ModelConfig, pixel_values: Tensor, dist: Dist = LOCAL) -> Tensor:
     """float[N, 3, H, W] -> media embeddings [N, tokens_per_image, D_llm]."""
     dtype = params["llm"]["embed"]["w"].dtype
-    feats = vision.apply(params["vision"], pixel_values.to(dtype), cfg.vision, dist.part("vision"))
-    return projector.apply(params["projector"], feats, cfg, dist.part("projector"))
+    feats = ENCODERS[cfg.vision.kind].apply(params["vision"], pixel_values.to(dtype), cfg.vision, dist.part("vision"))
+    return PROJECTORS[cfg.projector.kind].apply(params["projector"], feats, cfg, dist.part("projector"))
 
 
 def check_media(ids_bt: Tensor, n_images: int, cfg: ModelConfig) -> None:
@@ -84,7 +84,8 @@ def normalize_batch(cfg: ModelConfig, batch: dict, dist: Dist = LOCAL) -> dict:
     out = dict(batch, position_ids=pos, seq_len=T)
     out["needs_mask"] = am is not None or seg is not None or (
         cfg.llm.sliding_window is not None and cfg.llm.sliding_window < T)
-    Tp = -(-T // dist.tp_size) * dist.tp_size if dist.sp else T
+    d = dist.part("llm")
+    Tp = -(-T // d.tp_size) * d.tp_size if d.sp else T
     if Tp != T:
         am = torch.ones_like(ids) if am is None else am
         out.update(input_ids=_pad_to(ids, Tp, 0), attention_mask=_pad_to(am, Tp, 0),
@@ -93,93 +94,66 @@ def normalize_batch(cfg: ModelConfig, batch: dict, dist: Dist = LOCAL) -> dict:
     return out
 
 
-def context(cfg: ModelConfig, nb: dict, dist: Dist = LOCAL, dtype: torch.dtype = torch.float32,
-            cache: dict | None = None, cache_pos: int = 0) -> llm.Context:
-    """Rotary tables, attention mask and MoE token mask for a normalized batch."""
-    lc = cfg.llm
-    ids = nb["input_ids"]
-    B, T = ids.shape
-    rope = cos_sin(nb["position_ids"], inv_freq(lc.rot_dim, lc.rope_theta, lc.rope_scaling), dtype)
-    am, seg = nb.get("attention_mask"), nb.get("segment_ids")
-    mask = None
-    if nb["needs_mask"]:
-        idx = torch.arange(T, device=ids.device).expand(B, T)
-        mask = make_mask(idx, idx, causal=True, window=lc.sliding_window, q_seg=seg, k_seg=seg,
-                         k_valid=None if am is None else am.bool())
+def context(cfg: ModelConfig, nb: dict, dist: Dist = LOCAL, dtype: torch.dtype = torch.float32) -> llm.Context:
+    """The trunk's Context for a normalized batch: its positions, padding and packed segments."""
+    am = nb.get("attention_mask")
     valid = None if am is None else am.bool()
-    if valid is not None and dist.sp:
-        valid = valid.narrow(1, dist.tp_rank * (T // dist.tp_size), T // dist.tp_size)
-    return llm.Context(rope=rope, mask=mask, valid=valid, cache=cache, cache_pos=cache_pos)
+    d = dist.part("llm")
+    if valid is not None and d.sp:                    # MoE statistics count this rank's tokens
+        T = valid.shape[1]
+        valid = valid.narrow(1, d.tp_rank * (T // d.tp_size), T // d.tp_size)
+    return llm.context(cfg.llm, nb["position_ids"], dtype, mask=nb["needs_mask"], segments_bt=nb.get("segment_ids"),
+                       k_valid_bs=None if am is None else am.bool(), valid_bt=valid)
 
 
 def embed_inputs(params: dict, cfg: ModelConfig, nb: dict, dist: Dist = LOCAL) -> Tensor:
     """Token embeddings with media spliced in; [B, T/tp, D] under SP, else [B, T, D]."""
-    ids = nb["input_ids"]
-    x = embed(params["llm"]["embed"], ids, dist)
+    ids, d = nb["input_ids"], dist.part("llm")
+    x = llm.embed(params["llm"], ids, d)
     pix = nb.get("pixel_values")
     n_img = 0 if pix is None else pix.shape[0]
     check_media(ids, n_img, cfg)
     if n_img:
         x = splice(x, ids, encode_images(params, cfg, pix, dist), cfg.image_token_id)
-    return comm.scatter_seq(x, dist) if dist.sp else x
+    return comm.scatter_seq(x, d) if d.sp else x
 
 
-def hidden(params: dict, cfg: ModelConfig, nb: dict, dist: Dist = LOCAL, **layer_kw) -> tuple[Tensor, Tensor, Tensor]:
-    """Final-norm hidden states [B, T(/tp), D] and the summed MoE aux and z losses."""
-    x = embed_inputs(params, cfg, nb, dist)
+def trunk(params: dict, cfg: ModelConfig, nb: dict, dist: Dist = LOCAL, *, x: Tensor | None = None,
+          ids: range | None = None, loss: bool = True, layers: llm.Layers = llm.layers) -> tuple[Tensor, LossTerms]:
+    """The model over a normalized batch, or a pipeline stage's part of it: embed the tokens and
+    media unless ``x`` (a later stage's input) is given, run the LLM layers ``ids`` (default all) with
+    ``layers`` (``llm.layers`` or a remat wrapper of it), then the CE over the label tokens if ``loss``
+    (the last stage). -> (hidden states after the layers [B, T(/tp), D], this part's LossTerms)."""
+    d = dist.part("llm")
+    x = embed_inputs(params, cfg, nb, dist) if x is None else x
     ctx = context(cfg, nb, dist, x.dtype)
-    x, aux, z = llm.layers(params["llm"], x, ctx, cfg.llm, dist, range(cfg.llm.n_layers),
-                           moe_dispatch=cfg.moe_dispatch, **layer_kw)
-    return llm.norm(params["llm"]["norm"], x, cfg.llm), aux, z
+    x, aux, z = layers(params["llm"], x, ctx, cfg.llm, d, range(cfg.llm.n_layers) if ids is None else ids,
+                       moe_dispatch=cfg.moe_dispatch)
+    ce = n = torch.zeros((), device=x.device)
+    if loss:
+        tgt = shift_labels(nb["labels"], nb.get("segment_ids"))
+        sel = tgt != IGNORE
+        ce, n = cross_entropy_sum(llm.head(params["llm"], x, cfg.llm, d, rows_bt=sel), tgt[sel], d), sel.sum()
+    return x, LossTerms(ce, n, aux, z)
 
 
 def forward(params: dict, cfg: ModelConfig, batch: dict, dist: Dist = LOCAL) -> dict:
     """-> {"logits": [B, T, V] (this rank's vocab slice under TP), "aux", "z"}."""
     nb = normalize_batch(cfg, batch, dist)
-    h, aux, z = hidden(params, cfg, nb, dist)
-    h = comm.enter_tp(h, dist)
-    logits = F.linear(h, llm.lm_head_weight(params["llm"]))[:, :nb["seq_len"]]
-    return {"logits": logits, "aux": aux, "z": z}
+    x, t = trunk(params, cfg, nb, dist, loss=False)
+    logits = llm.head(params["llm"], x, cfg.llm, dist.part("llm"))[:, :nb["seq_len"]]
+    return {"logits": logits, "aux": t.aux, "z": t.z}
 
 
-def head_loss(p_llm: dict, h_btd: Tensor, nb: dict, dist: Dist) -> tuple[Tensor, Tensor]:
-    """(sum of CE over label tokens, their count). Logits exist only at label positions."""
-    h = comm.enter_tp(h_btd, dist)
-    tgt = shift_labels(nb["labels"], nb.get("segment_ids"))
-    sel = tgt != IGNORE
-    logits = F.linear(h[sel], llm.lm_head_weight(p_llm))
-    return cross_entropy_sum(logits, tgt[sel], dist), sel.sum()
-
-
-def n_moe_layers(cfg: ModelConfig) -> int:
-    return cfg.llm.n_layers if cfg.llm.n_experts else 0
-
-
-def loss_terms(params: dict, cfg: ModelConfig, batch: dict, dist: Dist = LOCAL, **layer_kw) -> dict:
-    """{"ce_sum", "n_tokens", "aux", "z"}: aux and z are summed over MoE layers (this rank's share
-    under SP). Training normalises ce_sum by the label count of the whole step."""
+def loss_terms(params: dict, cfg: ModelConfig, batch: dict, dist: Dist = LOCAL,
+               layers: llm.Layers = llm.layers) -> LossTerms:
+    """The batch's LossTerms (sums; ``neva.loss``): what a training step weighs by the label count
+    and micro-batch count of the whole step."""
     if batch.get("labels") is None:
         raise ValueError("batch has no 'labels': the loss needs them (-100 marks untrained tokens)")
-    nb = normalize_batch(cfg, batch, dist)
-    h, aux, z = hidden(params, cfg, nb, dist, **layer_kw)
-    ce_sum, n = head_loss(params["llm"], h, nb, dist)
-    return {"ce_sum": ce_sum, "n_tokens": n, "aux": aux, "z": z}
-
-
-def combine(terms: dict, cfg: ModelConfig, n_tokens: Tensor | int | None = None, n_micro: int = 1) -> Tensor:
-    """Scalar loss of one micro-batch's ``terms`` within a step: CE summed over the label tokens and
-    divided by ``n_tokens``, the step's label count over all micro-batches and data-parallel ranks
-    (default: this batch's), plus the MoE losses averaged over layers and over the ``n_micro``
-    micro-batches of the step (all ranks included). Summing ``combine`` over the micro-batches of a
-    step (and gradients over ranks) gives the loss of the whole step."""
-    n = terms["n_tokens"] if n_tokens is None else n_tokens
-    loss = terms["ce_sum"] / torch.as_tensor(n).clamp_min(1)
-    if cfg.llm.n_experts:
-        L = n_moe_layers(cfg) * n_micro
-        loss = loss + (cfg.llm.aux_loss_coef * terms["aux"] + cfg.llm.z_loss_coef * terms["z"]) / L
-    return loss
+    return trunk(params, cfg, normalize_batch(cfg, batch, dist), dist, layers=layers)[1]
 
 
 def loss(params: dict, cfg: ModelConfig, batch: dict, dist: Dist = LOCAL) -> Tensor:
     """Mean next-token CE over label tokens (+ MoE auxiliary losses): a scalar for ``torch.func.grad``."""
-    return combine(loss_terms(params, cfg, batch, dist), cfg)
+    return loss_terms(params, cfg, batch, dist).total(cfg.llm)

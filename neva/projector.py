@@ -1,22 +1,25 @@
 """Projectors from vision features to LLM embeddings: linear, mlpNx_gelu (any N), mlp_downsample
 (NeMo / VILA: zero-pad an odd grid, concatenate each 2x2 block, LayerNorm, Linear, GELU, Linear) and
-identity.
+identity, registered by those names in ``neva.registry.PROJECTORS``.
 
 Tensor parallel: linears pair up as column then row (the hidden dim on ``mlp``); an unpaired last
-linear is replicated. Init: weights normal(0.02), biases zeros, norm ones/zeros.
+linear is replicated. Each linear's collectives follow from its logical axes (``_axes``), the same
+ones the plan shards it by. Init: weights normal(0.02), biases zeros, norm ones/zeros.
 """
 from __future__ import annotations
 
 import math
+import re
 
 import torch.nn.functional as F
 from torch import Tensor
 
+from neva import comm
+from neva.comm import Dist
 from neva.config import ModelConfig
 from neva.layers.linear import linear_specs
 from neva.layers.norm import layer_norm, layer_norm_specs
-from neva.parallel import comm
-from neva.parallel.comm import Dist
+from neva.registry import PROJECTORS, Projector
 
 
 def _axes(i: int, n: int) -> tuple:
@@ -26,20 +29,48 @@ def _axes(i: int, n: int) -> tuple:
     return ("mlp", "embed") if i + 1 < n else ("embed", "embed")
 
 
-def specs(cfg: ModelConfig) -> dict:
-    p, dv, dl = cfg.projector, cfg.vision.dim, cfg.llm.dim
-    if p.kind == "identity":
-        return {}
-    if p.kind == "mlp_downsample":
-        return {"norm": layer_norm_specs(4 * dv, axis=None),
-                "fc1": linear_specs(dl, 4 * dv, _axes(0, 2), p.bias),
-                "fc2": linear_specs(dl, dl, _axes(1, 2), p.bias, bias_axis=None)}
-    n = p.depth
-    return {f"fc{i + 1}": linear_specs(dl, dv if i == 0 else dl, _axes(i, n), p.bias,
+def _linears_specs(dims: list[int], bias: bool) -> dict:
+    """fc1..fcN mapping dims[0] -> dims[1] -> ... ; a bias shards with a column output, else whole."""
+    n = len(dims) - 1
+    return {f"fc{i + 1}": linear_specs(dims[i + 1], dims[i], _axes(i, n), bias,
                                        bias_axis="same" if _axes(i, n)[0] == "mlp" else None)
             for i in range(n)}
 
 
+def _linear(w: dict, x: Tensor, axes: tuple, dist: Dist) -> Tensor:
+    if axes[0] == "mlp":                                  # column-parallel: enter the TP region
+        return F.linear(comm.copy_to_tp(x, dist), w["w"], w.get("b"))
+    if axes[1] == "mlp":                                  # row-parallel: leave it, bias after the reduction
+        y = comm.reduce_from_tp(F.linear(x, w["w"]), dist)
+        return y + w["b"] if "b" in w else y
+    return F.linear(x, w["w"], w.get("b"))                # replicated
+
+
+def _gelu_mlp(p: dict, x: Tensor, dist: Dist) -> Tensor:
+    n = len(p)
+    for i in range(n):
+        x = _linear(p[f"fc{i + 1}"], x, _axes(i, n), dist)
+        if i + 1 < n:
+            x = F.gelu(x)
+    return x
+
+
+# ---------------------------------------------------------------------- linear and mlpNx_gelu
+def _depth(kind: str) -> int:
+    return 1 if kind == "linear" else int(re.fullmatch(r"mlp(\d+)x_gelu", kind).group(1))
+
+
+def mlp_specs(cfg: ModelConfig) -> dict:
+    n = _depth(cfg.projector.kind)
+    return _linears_specs([cfg.vision.dim] + [cfg.llm.dim] * n, cfg.projector.bias)
+
+
+def mlp_apply(p: dict, feats_npd: Tensor, cfg: ModelConfig, dist: Dist) -> Tensor:
+    """[N, P, D_vision] -> [N, P, D_llm]."""
+    return _gelu_mlp(p, feats_npd, dist)
+
+
+# ----------------------------------------------------------------------------- mlp_downsample
 def downsample_2x2(x_npd: Tensor) -> Tensor:
     """[N, g*g, D] -> [N, ceil(g/2)^2, 4D]: each 2x2 block of the patch grid concatenated (VILA order)."""
     n, t, d = x_npd.shape
@@ -55,23 +86,26 @@ def downsample_2x2(x_npd: Tensor) -> Tensor:
     return x.reshape(n, -1, 4 * d)
 
 
-def apply(p: dict, feats_npd: Tensor, cfg: ModelConfig, dist: Dist) -> Tensor:
-    """[N, P, D_vision] -> [N, tokens_per_image, D_llm]."""
-    if cfg.projector.kind == "identity":
-        return feats_npd
-    x = feats_npd
-    if cfg.projector.kind == "mlp_downsample":
-        x = layer_norm(p["norm"], downsample_2x2(x), 1e-5)
-    n = len([k for k in p if k.startswith("fc")])
-    for i in range(n):
-        w = p[f"fc{i + 1}"]
-        if i % 2 == 0 and i + 1 < n:                      # column-parallel
-            x = F.linear(comm.copy_to_tp(x, dist), w["w"], w.get("b"))
-        elif i % 2 == 1:                                  # row-parallel, bias after the reduction
-            x = comm.reduce_from_tp(F.linear(x, w["w"]), dist)
-            x = x + w["b"] if "b" in w else x
-        else:                                             # unpaired last linear, replicated
-            x = F.linear(x, w["w"], w.get("b"))
-        if i + 1 < n:
-            x = F.gelu(x)
-    return x
+def downsample_specs(cfg: ModelConfig) -> dict:
+    dv, dl = cfg.vision.dim, cfg.llm.dim
+    return {"norm": layer_norm_specs(4 * dv, axis=None), **_linears_specs([4 * dv, dl, dl], cfg.projector.bias)}
+
+
+def downsample_apply(p: dict, feats_npd: Tensor, cfg: ModelConfig, dist: Dist) -> Tensor:
+    """[N, g*g, D_vision] -> [N, ceil(g/2)^2, D_llm]."""
+    x = layer_norm(p["norm"], downsample_2x2(feats_npd), 1e-5)
+    return _gelu_mlp({k: v for k, v in p.items() if k != "norm"}, x, dist)
+
+
+def downsample_tokens(n: int, cfg: ModelConfig) -> int:
+    g = math.isqrt(n)
+    if g * g != n:
+        raise ValueError(f"mlp_downsample needs a square grid of patches, got {n} tokens per image: "
+                         "use model.vision.select_feature=patch")
+    return math.ceil(g / 2) ** 2
+
+
+PROJECTORS.register("identity", Projector(lambda cfg: {}, lambda p, x, cfg, dist: x))
+PROJECTORS.register("linear", Projector(mlp_specs, mlp_apply))
+PROJECTORS.register(r"mlp[1-9]\d*x_gelu", Projector(mlp_specs, mlp_apply), regex=True)
+PROJECTORS.register("mlp_downsample", Projector(downsample_specs, downsample_apply, downsample_tokens))

@@ -1,5 +1,6 @@
 """Vision encoders: CLIP ViT (class token, pre-layernorm, quick-GELU) and SigLIP (no class token,
-patch bias, GELU-tanh), as HF defines them, up to the selected hidden state.
+patch bias, GELU-tanh), as HF defines them, up to the selected hidden state: one ViT in two
+flavours, registered as ``clip`` and ``siglip`` in ``neva.registry.ENCODERS``.
 
 ``select_layer`` counts as HF's ``hidden_states`` do (0 = embeddings, -1 = last layer; LLaVA uses
 -2), so only ``layers_used`` layers run. ``select_feature``: ``patch`` drops CLIP's class token,
@@ -11,26 +12,42 @@ attention and MLP weights normal(0.02), biases zeros.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+from functools import partial
+
 import torch
 from torch import Tensor
 
+from neva.comm import Dist
 from neva.config import VisionConfig
 from neva.layers.attention import attention, attention_specs
 from neva.layers.embedding import patch_embed, patch_embedding_specs
 from neva.layers.mlp import mlp, mlp_specs
 from neva.layers.norm import layer_norm, layer_norm_specs
 from neva.params import ParamSpec, normal
-from neva.parallel.comm import Dist
+from neva.registry import ENCODERS, Encoder
 
 
-def specs(cfg: VisionConfig) -> dict:
+@dataclass(frozen=True)
+class Flavour:
+    """Where CLIP's and SigLIP's ViTs differ."""
+
+    class_token: bool         # a learned token prepended to the patches (CLIP)
+    pre_norm: bool            # LayerNorm on the embeddings before the first block (CLIP)
+    patch_bias: bool          # a bias on the patch convolution (SigLIP)
+
+
+CLIP = Flavour(class_token=True, pre_norm=True, patch_bias=False)
+SIGLIP = Flavour(class_token=False, pre_norm=False, patch_bias=True)
+
+
+def specs(cfg: VisionConfig, fl: Flavour) -> dict:
     d, hd = cfg.dim, cfg.dim // cfg.n_heads
-    clip = cfg.kind == "clip"
-    out: dict = {"patch": patch_embedding_specs(3, d, cfg.patch_size, bias=not clip)}
-    if clip:
+    out: dict = {"patch": patch_embedding_specs(3, d, cfg.patch_size, bias=fl.patch_bias)}
+    if fl.class_token:
         out["cls"] = ParamSpec((d,), ("embed",), normal(0.02))
-    out["pos"] = ParamSpec((cfg.n_positions, d), (None, "embed"), normal(0.02))
-    if clip:
+    out["pos"] = ParamSpec((cfg.grid**2 + fl.class_token, d), (None, "embed"), normal(0.02))
+    if fl.pre_norm:
         out["pre_norm"] = layer_norm_specs(d)
     out["layers"] = {str(i): {"norm1": layer_norm_specs(d),
                               "attn": attention_specs(d, cfg.n_heads, cfg.n_heads, hd, bias=True),
@@ -47,23 +64,32 @@ def block(p: dict, x: Tensor, cfg: VisionConfig, dist: Dist) -> Tensor:
     return x + mlp(p["mlp"], layer_norm(p["norm2"], x, cfg.eps), dist, cfg.act)
 
 
-def embed(p: dict, images_nchw: Tensor, cfg: VisionConfig) -> Tensor:
+def embed(p: dict, images_nchw: Tensor, cfg: VisionConfig, fl: Flavour) -> Tensor:
     """HF hidden_states[0]: patches (+ class token) + positions (+ CLIP's pre-layernorm)."""
     x = patch_embed(p["patch"], images_nchw)
-    if cfg.kind == "clip":
+    if fl.class_token:
         x = torch.cat([p["cls"].to(x.dtype).expand(x.shape[0], 1, -1), x], dim=1)
     x = x + p["pos"].to(x.dtype)
-    return layer_norm(p["pre_norm"], x, cfg.eps) if cfg.kind == "clip" else x
+    return layer_norm(p["pre_norm"], x, cfg.eps) if fl.pre_norm else x
 
 
-def apply(p: dict, images_nchw: Tensor, cfg: VisionConfig, dist: Dist) -> Tensor:
-    """float[N, 3, H, W] -> features [N, tokens_out, D_vision] at ``select_layer``."""
+def apply(p: dict, images_nchw: Tensor, cfg: VisionConfig, dist: Dist, fl: Flavour) -> Tensor:
+    """float[N, 3, H, W] -> features [N, tokens(cfg), D_vision] at ``select_layer``."""
     if images_nchw.shape[-2:] != (cfg.image_size, cfg.image_size):
         raise ValueError(f"pixel_values are {tuple(images_nchw.shape[-2:])}; the encoder expects "
                          f"{cfg.image_size}x{cfg.image_size} (model.vision.image_size)")
-    x = embed(p, images_nchw, cfg)
+    x = embed(p, images_nchw, cfg, fl)
     for i in range(cfg.layers_used):
         x = block(p["layers"][str(i)], x, cfg, dist)
-    if cfg.kind == "clip" and cfg.select_feature == "patch":
+    if fl.class_token and cfg.select_feature == "patch":
         x = x[:, 1:]
     return x
+
+
+def tokens(cfg: VisionConfig, fl: Flavour) -> int:
+    """Tokens per image: the patch grid, plus the class token when ``select_feature=cls_patch``."""
+    return cfg.grid**2 + (fl.class_token and cfg.select_feature == "cls_patch")
+
+
+for _name, _fl in (("clip", CLIP), ("siglip", SIGLIP)):
+    ENCODERS.register(_name, Encoder(partial(specs, fl=_fl), partial(apply, fl=_fl), partial(tokens, fl=_fl)))

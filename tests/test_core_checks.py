@@ -6,7 +6,7 @@ import torch
 
 from neva import model, projector
 from neva.layers import moe
-from neva.parallel.comm import LOCAL
+from neva.comm import LOCAL
 from train_helpers import batch, params, tiny_cfg
 
 

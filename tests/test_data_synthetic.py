@@ -12,7 +12,8 @@ from PIL import Image
 from data_helpers import synth_dir
 from neva.data import inspect as inspect_cli
 from neva.data import synthetic
-from neva.data.synthetic import COLOURS, QUADRANTS, render_scene, rng_for, sample_scene
+from neva.data.shapes import BACKGROUND, COLOURS, QUADRANTS, render_scene, rng_for
+from neva.data.synthetic import sample_scene
 from neva.data.video import VideoSource
 
 
@@ -81,7 +82,7 @@ def test_motion_clips_move_the_way_the_answer_says():
         f = vs.frames(r["video"], 6).astype(int)
         ys, xs = [], []
         for fr in (f[0], f[-1]):
-            m = (np.abs(fr - synthetic.BACKGROUND).sum(-1) > 60)
+            m = (np.abs(fr - BACKGROUND).sum(-1) > 60)
             yy, xx = np.nonzero(m)
             ys.append(yy.mean()), xs.append(xx.mean())
         dx, dy = xs[1] - xs[0], ys[1] - ys[0]

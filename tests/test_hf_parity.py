@@ -10,8 +10,8 @@ import torch
 
 import neva
 import neva.hf
-from neva import vision
-from neva.parallel.comm import LOCAL
+from neva.registry import ENCODERS
+from neva.comm import LOCAL
 
 transformers = pytest.importorskip("transformers")
 transformers.logging.set_verbosity_error()
@@ -55,7 +55,7 @@ def test_vision_encoder_matches_hf_hidden_state(vision_folders, kind, layer, fea
     pix = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         ref = hf(pixel_values=pix, output_hidden_states=True).hidden_states[layer]
-        ours = vision.apply(p, pix, vc, LOCAL)
+        ours = ENCODERS[vc.kind].apply(p, pix, vc, LOCAL)
     if kind == "clip" and feature == "patch":
         ref = ref[:, 1:]
     assert ours.shape == ref.shape == (3, vc.tokens_out, 48)

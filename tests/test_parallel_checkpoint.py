@@ -5,8 +5,8 @@ import pytest
 
 from neva import model
 from neva.parallel.plan import Layout
-from neva.parallel.testing import GlooPool
-from neva.parallel.testing_runs import train_segment
+from neva.testing import GlooPool
+from neva.testing.runs import train_segment
 from neva.train import checkpoint as ckpt
 from test_parallel_gloo import _batch, _main_like_cfg
 
@@ -128,7 +128,7 @@ def test_hf_folder_loads_under_a_plan_reading_only_each_ranks_slices(gloo_pool, 
     """neva.hf.load(shard=par.hf_slices): each rank reads its tp/ep slices of its own stage's leaves
     (embeddings whole, for vocabulary growth), and the result equals the shard of a full load."""
     from transformers import LlavaConfig, LlavaForConditionalGeneration, MixtralConfig, SiglipVisionConfig
-    from neva.parallel.testing_runs import hf_sliced_load
+    from neva.testing.runs import hf_sliced_load
     vc = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                             image_size=16, patch_size=8, vision_use_head=False)
     tc = MixtralConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,

@@ -1,6 +1,7 @@
 """Sharding equivalence, real tier: four gloo processes kept alive for the session. Random configs
 and random plans that fill the world (tp, sp, ep, pp, dp), including pipelines (1F1B, GPipe) and
-torch.func gradients through the collectives; loss and every gradient equal the single process's."""
+torch.func gradients through the collectives: the real training step's statistics and every gradient
+equal the same step's in one process over the same micro-batches."""
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -9,16 +10,17 @@ from hypothesis import strategies as st
 from neva import model
 from neva.config import ModelConfig, tiny_llm, tiny_vision
 from neva.params import flatten
-from neva.parallel.plan import Layout, Plan
-from neva.parallel.testing import pool_check
+from neva.parallel.plan import Layout
+from neva.testing import check_step, max_rel_err
+from neva.testing.checks import all_to_all_vmap_check, same_stats
+from neva.testing.runs import train_losses
 from parallel_cases import cases
 
 RTOL = 1e-4
 
 
 def _check(res):
-    assert res["ce"] == pytest.approx(res["ce_ref"], rel=RTOL, abs=1e-6)
-    assert res["aux"] == pytest.approx(res["aux_ref"], rel=RTOL, abs=1e-6)
+    assert not same_stats(res["stats"], res["stats_ref"], RTOL)
     assert res["grad_err"] < RTOL
 
 
@@ -26,14 +28,11 @@ def _check(res):
 @given(case=cases(max_world=4, pp=True, fill=True), data=st.data())
 def test_sharded_step_equals_single_process(gloo_pool, case, data):
     lay = case.layout
-    if lay.pp > 1:
-        kind = "pipeline"
-    else:
-        kind = data.draw(st.sampled_from(["step", "func", "pipeline"]), label="kind")
+    grad_mode = "autograd" if lay.pp > 1 else data.draw(st.sampled_from(["autograd", "func"]), label="grad_mode")
     n_micro = data.draw(st.sampled_from([m for m in (1, 2) if case.rows_per_shard % m == 0]), label="n_micro")
     schedule = data.draw(st.sampled_from(["1f1b", "gpipe"]), label="schedule")
     params = model.init_params(case.cfg, case.batch_seed)
-    res = gloo_pool.run(pool_check, Plan(lay), case.cfg, params, case.batch(), kind, n_micro, schedule)[0]
+    res = gloo_pool.run(check_step, case.cfg, lay, params, case.batch(), n_micro, schedule, grad_mode)[0]
     _check(res)
 
 
@@ -54,18 +53,19 @@ def _batch(B=8, T=16):
                 labels=ids.masked_fill(ids == 63, -100))
 
 
-@pytest.mark.parametrize("layout,kind,n_micro,schedule", [
-    (Layout(tp=2, pp=2), "pipeline", 2, "1f1b"),
-    (Layout(tp=2, pp=2, sp=True), "pipeline", 4, "gpipe"),
-    (Layout(pp=4), "pipeline", 2, "1f1b"),
-    (Layout(pp=2, dp=2), "pipeline", 2, "1f1b"),
-    (Layout(tp=2, ep=2, sp=True), "step", 1, "1f1b"),
+@pytest.mark.parametrize("layout,grad_mode,n_micro,schedule", [
+    (Layout(tp=2, pp=2), "autograd", 2, "1f1b"),
+    (Layout(tp=2, pp=2, sp=True), "autograd", 4, "gpipe"),
+    (Layout(pp=4), "autograd", 2, "1f1b"),
+    (Layout(pp=2, dp=2), "autograd", 2, "1f1b"),
+    (Layout(tp=2, ep=2, sp=True), "autograd", 1, "1f1b"),
+    (Layout(tp=2, ep=2, sp=True), "autograd", 2, "1f1b"),
     (Layout(tp=2, dp=2), "func", 1, "1f1b"),
-    (Layout(ep=2, pp=2), "pipeline", 2, "gpipe"),
+    (Layout(ep=2, pp=2), "autograd", 2, "gpipe"),
 ], ids=lambda v: str(v))
-def test_named_layouts(gloo_pool, layout, kind, n_micro, schedule):
+def test_named_layouts(gloo_pool, layout, grad_mode, n_micro, schedule):
     cfg = _main_like_cfg()
-    res = gloo_pool.run(pool_check, Plan(layout), cfg, model.init_params(cfg, 1), _batch(), kind, n_micro, schedule)[0]
+    res = gloo_pool.run(check_step, cfg, layout, model.init_params(cfg, 1), _batch(), n_micro, schedule, grad_mode)[0]
     _check(res)
 
 
@@ -74,8 +74,6 @@ def test_named_layouts(gloo_pool, layout, kind, n_micro, schedule):
 def test_training_steps_match_single_process(gloo_pool, layout, grad_accum):
     """The real training step (AdamW, clipping by the global norm, accumulation) under a plan: the
     per-step losses and gradient norms equal the single-process run's, and so do the final params."""
-    from neva.parallel.testing import max_rel_err
-    from neva.parallel.testing_runs import train_losses
     cfg = _main_like_cfg()
     params = model.init_params(cfg, 1)
     batches = [_batch() for _ in range(3)]
@@ -91,8 +89,6 @@ def test_training_steps_match_single_process(gloo_pool, layout, grad_accum):
 def test_lora_under_a_plan_matches_single_process(gloo_pool, layout):
     """LoRA factors follow their weight's sharding (a by its input dim, b by its output dim); a factor
     replicated over tp multiplies a tp-sharded slice, so its gradient is summed over tp."""
-    from neva.parallel.testing import max_rel_err
-    from neva.parallel.testing_runs import train_losses
     cfg = _main_like_cfg()
     params = model.init_params(cfg, 3)
     batches = [_batch() for _ in range(2)]
@@ -108,7 +104,6 @@ def test_lora_under_a_plan_matches_single_process(gloo_pool, layout):
 def test_mixed_precision_under_a_plan(gloo_pool, precision):
     """bf16 params with fp32 masters, and fp16 with loss scaling, train under tp2 x pp2 like one
     process does (bf16 rounding differs with the reduction order: loose tolerance)."""
-    from neva.parallel.testing_runs import train_losses
     cfg = _main_like_cfg()
     params = model.init_params(cfg, 4)
     batches = [_batch() for _ in range(3)]
@@ -126,8 +121,6 @@ def test_mixed_precision_under_a_plan(gloo_pool, precision):
 def test_zero1_splits_optimizer_state_and_trains_the_same(gloo_pool, layout, precision):
     """ZeRO-1: each dp rank keeps the moments (and fp32 masters) of a disjoint share of the leaves,
     updates those and broadcasts them; the losses and final params are those of the run without it."""
-    from neva.parallel.testing import max_rel_err
-    from neva.parallel.testing_runs import train_losses
     cfg = _main_like_cfg()
     params = model.init_params(cfg, 5)
     batches = [_batch() for _ in range(3)]
@@ -150,5 +143,4 @@ def test_zero1_splits_optimizer_state_and_trains_the_same(gloo_pool, layout, pre
 
 def test_vmap_rule_of_all_to_all(gloo_pool):
     """Per-example all-to-all (vmap, and vmap of grad) on 4 gloo ranks equals a loop over examples."""
-    from neva.parallel.testing import all_to_all_vmap_check
     assert max(gloo_pool.run(all_to_all_vmap_check)) < 1e-6

@@ -66,7 +66,7 @@ def test_kill_and_resume_equals_uninterrupted(tmp_path):
     p.wait()
     assert ckpt.latest(tmp_path / "b" / "checkpoints").name == f"step_{N:08d}"
     out = _run(tmp_path, tmp_path / "b", f"train.steps={2 * N}", "train.resume=auto")
-    assert f"resumed from" in out.stdout and f"at step {N}" in out.stdout
+    assert "resumed from" in out.stdout and f"at step {N}" in out.stdout
     a, b = _losses(tmp_path / "a"), _losses(tmp_path / "b")
     assert sorted(b) == list(range(1, 2 * N + 1))             # the dead run's rows past N were dropped
     for s in range(1, 2 * N + 1):

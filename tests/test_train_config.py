@@ -66,7 +66,7 @@ def test_plan_must_fit_world_size():
 
 def test_groups_from_command_line():
     e = X.parse(["train.freeze=^vision/", "train.lr_mults=^projector/=0.1"], base())
-    gs = X.optimizer_groups(e)
+    gs = e.train.optimizer_groups()
     assert [(g.pattern, g.frozen, g.lr_mult) for g in gs] == [("^vision/", True, 1.0), ("^projector/", False, 0.1)]
 
 

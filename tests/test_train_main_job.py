@@ -167,7 +167,7 @@ def test_main_job_under_torchrun_and_resumed_in_another_layout(workdir):
     run = workdir / "runs/tp"
     rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2]              # one writer, not four
-    single = job.main(SMALL + ["train.steps=1", "run.dir=runs/one", "train.precision=fp32", "eval.max_samples=4"])
+    job.main(SMALL + ["train.steps=1", "run.dir=runs/one", "train.precision=fp32", "eval.max_samples=4"])
     one = json.loads((workdir / "runs/one/metrics.jsonl").read_text().splitlines()[0])
     assert set(rows[0]) == set(one)                         # the same format in every layout
     assert ckpt.check_complete(ckpt.latest(run / "checkpoints"))["layout"] == "pp2xtp2"

@@ -4,6 +4,8 @@ import math
 import pytest
 import torch
 
+from neva.batch import split
+from neva.loss import label_count
 from neva.params import flatten
 from neva.train import optim
 from neva.train import step as S
@@ -14,7 +16,7 @@ def test_autograd_and_func_agree():
     cfg = tiny_cfg()
     p, b = params(cfg), batch(cfg)
     tr = optim.trainable_paths(p, optim.AdamW())
-    mbs = S.split_batch(b, 2, cfg)
+    mbs = split(b, cfg, 2)
     ga, sa = S.compute_grads(p, cfg, mbs, trainable=tr, mode="autograd")
     gf, sf = S.compute_grads(p, cfg, mbs, trainable=tr, mode="func")
     assert sa["loss"] == pytest.approx(sf["loss"], rel=1e-6)
@@ -28,8 +30,8 @@ def test_accumulation_equals_one_batch_with_uneven_label_counts():
     b["labels"][0, 10:] = -100                # micro-batches with different label counts
     tr = optim.trainable_paths(p, optim.AdamW())
     g1, s1 = S.compute_grads(p, cfg, [b], trainable=tr)
-    g4, s4 = S.compute_grads(p, cfg, S.split_batch(b, 4, cfg), trainable=tr)
-    assert s1["n_tokens"] == s4["n_tokens"] == S.label_count(b)
+    g4, s4 = S.compute_grads(p, cfg, split(b, cfg, 4), trainable=tr)
+    assert s1["n_tokens"] == s4["n_tokens"] == label_count(b)
     assert s4["loss"] == pytest.approx(s1["loss"], rel=1e-5)
     assert max_diff(g1, g4) < 1e-5
 
@@ -39,10 +41,10 @@ def test_split_batch_routes_images_and_checks_divisibility():
     b = batch(cfg, B=4)
     b["input_ids"][1, 2:2 + cfg.tokens_per_image] = 7           # row 1 has no image
     b["pixel_values"] = b["pixel_values"][:3]
-    mbs = S.split_batch(b, 2, cfg)
+    mbs = split(b, cfg, 2)
     assert [m["pixel_values"].shape[0] for m in mbs] == [1, 2]
     with pytest.raises(ValueError, match="does not divide the batch size 4"):
-        S.split_batch(b, 3, cfg)
+        split(b, cfg, 3)
 
 
 def test_groups_freeze_and_scale_lr():

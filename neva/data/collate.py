@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from neva.loss import IGNORE
+from neva.batch import IGNORE
 
 
 def collate(rows: list[list], *, packed: bool, pad_to: int | None = None, pad_id: int = 0,

@@ -15,7 +15,7 @@ from pathlib import Path
 from neva.data import templates, tokenizers
 from neva.data.records import read
 from neva.data.tokenize import encode
-from neva.loss import IGNORE
+from neva.batch import IGNORE
 
 GREEN, DIM, RESET = "\033[32m", "\033[2m", "\033[0m"
 

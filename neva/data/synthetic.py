@@ -25,44 +25,14 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw
 
-COLOURS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (50, 90, 230), "yellow": (235, 210, 40)}
-KINDS = ("circle", "square", "triangle")
-QUADRANTS = ("top left", "top right", "bottom left", "bottom right")
+from neva.data.progress import bar as progress_bar
+from neva.data.shapes import COLOURS, KINDS, QUADRANTS, Shape, render_scene, rng_for
+
 QTYPES = ("colour", "shape", "count", "position", "yesno")
-BACKGROUND = (24, 24, 24)
-SPLITS = {"train": 0, "eval": 1, "video_train": 2, "video_eval": 3}
-
-
-@dataclass(frozen=True)
-class Shape:
-    colour: str
-    kind: str
-    quadrant: int          # index into QUADRANTS
-    x: int                 # top-left corner of the bounding box, pixels
-    y: int
-    size: int
-
-
-def rng_for(seed: int, split: str, index: int) -> np.random.Generator:
-    return np.random.default_rng([seed, SPLITS[split], index])
-
-
-def draw_shape(d: ImageDraw.ImageDraw, s: Shape) -> None:
-    box = [s.x, s.y, s.x + s.size - 1, s.y + s.size - 1]
-    fill = COLOURS[s.colour]
-    if s.kind == "circle":
-        d.ellipse(box, fill=fill)
-    elif s.kind == "square":
-        d.rectangle(box, fill=fill)
-    else:
-        d.polygon([(s.x + (s.size - 1) / 2, s.y), (s.x, s.y + s.size - 1), (s.x + s.size - 1, s.y + s.size - 1)],
-                  fill=fill)
 
 
 def sample_scene(rng: np.random.Generator, size: int = 32, n: int | None = None,
@@ -87,14 +57,6 @@ def sample_scene(rng: np.random.Generator, size: int = 32, n: int | None = None,
             dx, dy = (int(np.clip(c + rng.integers(-jitter, jitter + 1), 1, half - s - 1)) for _ in range(2))
         shapes.append(Shape(*pairs[p], int(q), x0 + dx, y0 + dy, s))
     return sorted(shapes, key=lambda s: s.quadrant)
-
-
-def render_scene(shapes: list[Shape], size: int = 32) -> Image.Image:
-    img = Image.new("RGB", (size, size), BACKGROUND)
-    d = ImageDraw.Draw(img)
-    for s in shapes:
-        draw_shape(d, s)
-    return img
 
 
 def caption(shapes: list[Shape]) -> str:
@@ -174,7 +136,7 @@ def generate(out_dir: str | Path, *, seed: int = 0, train_images: int = 3000, ev
 
     out = Path(out_dir)
     (out / "images").mkdir(parents=True, exist_ok=True)
-    bar = _bar(train_images + eval_images, "images", progress)
+    bar = progress_bar(train_images + eval_images, "images", progress)
     train, caps, held = [], [], []
     for i in range(train_images):
         rng = rng_for(seed, "train", i)
@@ -198,19 +160,6 @@ def generate(out_dir: str | Path, *, seed: int = 0, train_images: int = 3000, ev
         counts.update(write_videos(out, seed=seed, n_train=train_videos, n_eval=eval_videos, frames=frames,
                                    size=size, progress=progress))
     return counts
-
-
-def _bar(total: int, what: str, on: bool):
-    if on:
-        from tqdm import tqdm
-
-        return tqdm(total=total, desc=what, unit=what.split()[-1], leave=False)
-
-    class _Null:
-        def update(self, n=1): ...
-        def close(self): ...
-
-    return _Null()
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -14,7 +14,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from neva.data.synthetic import BACKGROUND, COLOURS, KINDS, Shape, _bar, draw_shape, rng_for
+from neva.data.progress import bar as progress_bar
+from neva.data.shapes import BACKGROUND, COLOURS, KINDS, Shape, draw_shape, rng_for
 
 DIRECTIONS = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
 
@@ -74,7 +75,7 @@ def motion_record(split: str, i: int, facts: dict, rng: np.random.Generator) -> 
 
 def write_videos(out: Path, *, seed: int, n_train: int, n_eval: int, frames: int, size: int,
                  progress: bool = False) -> dict:
-    bar = _bar(n_train + n_eval, "clips", progress)
+    bar = progress_bar(n_train + n_eval, "clips", progress)
     with tarfile.open(out / "videos.tar", "w", format=tarfile.USTAR_FORMAT) as tar:
         for split, n in (("video_train", n_train), ("video_eval", n_eval)):
             rows = []

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from neva.data.templates import MEDIA_TAGS, Piece
-from neva.loss import IGNORE
+from neva.batch import IGNORE
 
 _TAG_RE = re.compile("|".join(re.escape(t) for t in MEDIA_TAGS))
 

@@ -21,13 +21,14 @@ from typing import Callable
 
 import torch
 
-from neva import llm, vision
+from neva import llm
 from neva.config import LLMConfig, ModelConfig, ProjectorConfig, VisionConfig
 from neva.hf import keys as K
 from neva.hf import translate
 from neva.hf.io import DTYPE_NAMES, Checkpoint, Index, check_index, read_json, write
 from neva.model import specs as model_specs
 from neva.params import flatten, init, unflatten
+from neva.registry import ENCODERS
 
 Shard = Callable[[str, tuple[int, ...]], "Index | None"]
 MAX_SHARD_BYTES = 5 * 1024**3
@@ -111,7 +112,7 @@ def load_vision(folder: str, *, select_layer: int = -2, select_feature: str = "p
     vision tower is taken) -> (VisionConfig, params of ``neva.vision``)."""
     vc = translate.vision_config(_vision_dict(folder), os.path.join(folder, "config.json"), select_layer,
                                  select_feature)
-    spec = {f"vision/{p}": s for p, s in flatten(vision.specs(vc)).items()}
+    spec = {f"vision/{p}": s for p, s in flatten(ENCODERS[vc.kind].specs(vc)).items()}
     with Checkpoint(folder) as ck:
         lay = K.detect_vision(ck.keys, folder)
         flat = _read(ck, lay, spec, dtype=dtype, shard=shard, vision_only=True)

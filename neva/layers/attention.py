@@ -10,11 +10,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from neva import comm
+from neva.comm import Dist
 from neva.layers.linear import linear_specs
 from neva.layers.rope import apply_rope
 from neva.params import normal
-from neva.parallel import comm
-from neva.parallel.comm import Dist
 
 
 def attention_specs(dim: int, n_heads: int, n_kv_heads: int, head_dim: int, bias: bool = False,

@@ -4,9 +4,9 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor
 
+from neva import comm
+from neva.comm import Dist
 from neva.params import ZEROS, ParamSpec, normal
-from neva.parallel import comm
-from neva.parallel.comm import Dist
 
 
 def embedding_specs(vocab: int, d: int, std: float = 0.02) -> dict:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor
 
-from neva.params import ZEROS, Init, NORMAL, ParamSpec
+from neva.params import NORMAL, ZEROS, Init, ParamSpec
 
 
 def linear_specs(d_out: int, d_in: int, axes: tuple, bias: bool = False, init: Init = NORMAL,

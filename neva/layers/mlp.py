@@ -6,10 +6,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from neva import comm
+from neva.comm import Dist
 from neva.layers.linear import linear_specs
 from neva.params import normal
-from neva.parallel import comm
-from neva.parallel.comm import Dist
 
 ACTS = {
     "gelu": F.gelu,

@@ -17,9 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from neva import comm
+from neva.comm import Dist
 from neva.params import ParamSpec, normal
-from neva.parallel import comm
-from neva.parallel.comm import Dist
 
 
 def moe_specs(d: int, f: int, n_experts: int, std: float = 0.02, out_std: float | None = None) -> dict:

@@ -1,21 +1,17 @@
 """Gradient synchronisation across the ranks that share a leaf, in flat buckets.
 
-Each rank computes gradients of its local loss share (CE normalised by the step's global label
-count; MoE losses by the step's global micro-batch count), so shared leaves are *summed*:
-  - every leaf over the data ranks that see different samples: dp x ep for non-expert leaves, dp
-    for expert leaves (experts already receive every ep rank's tokens through the all-to-all);
-  - under SP, LLM leaves not sharded by tp (norms, router) over tp: each tp rank saw only its slice
-    of the sequence (Megatron all-reduces these "sequence-parallel" gradients too); so are leaves the
-    caller names as tp-partial (LoRA factors of tp-sharded weights), each leaf once.
+Each rank computes gradients of its local share of the step's loss (``neva.loss.LossTerms``), so
+shared leaves are *summed*. Which groups each leaf sums over is the plan's decision
+(``Plan.grad_sums``: the data ranks, and tp for leaves whose gradient each tp rank holds a part of);
+this file only moves the bytes: one all-reduce per group and dtype.
 """
 from __future__ import annotations
 
 import torch
 from torch import Tensor
 
-from neva.params import flatten, unflatten
-from neva.parallel import comm
-from neva.parallel.comm import Dist
+from neva import comm
+from neva.comm import Dist
 
 
 def _bucket_all_reduce(tensors: list[Tensor], group) -> None:
@@ -34,14 +30,9 @@ def _bucket_all_reduce(tensors: list[Tensor], group) -> None:
             off += t.numel()
 
 
-def sync_grads(grads: dict, placements: dict[str, tuple], dist: Dist, tp_partial: set[str] = frozenset()) -> dict:
-    """Sum ``grads`` (local shards, same tree as the local params) over the ranks sharing them.
-    ``tp_partial``: leaves whose gradient each tp rank holds only a part of (e.g. a LoRA factor of a
-    tp-sharded weight), summed over tp as well."""
-    flat = flatten(grads)
-    over_tp = [g for p, g in flat.items()
-               if p in tp_partial or (dist.sp and p.startswith("llm/") and "tp" not in placements[p])]
-    _bucket_all_reduce(over_tp, dist.tp)
-    _bucket_all_reduce([g for p, g in flat.items() if "ep" not in placements[p]], dist.data)
-    _bucket_all_reduce([g for p, g in flat.items() if "ep" in placements[p]], dist.dp)
-    return unflatten(flat)
+def sync_grads(grads: dict[str, Tensor], sums: dict[str, tuple[str, ...]], dist: Dist) -> dict[str, Tensor]:
+    """Sum ``grads`` (flat path -> local shard, in place) over the groups ``sums[path]`` names
+    (``Dist`` fields: ``tp``, ``data``, ``dp``)."""
+    for axis in ("tp", "data", "dp"):
+        _bucket_all_reduce([g for p, g in grads.items() if axis in sums[p]], getattr(dist, axis))
+    return grads

@@ -15,7 +15,7 @@ import torch
 import torch.distributed as tdist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
-from neva.parallel.comm import Dist
+from neva.comm import Dist
 from neva.parallel.plan import AXES, Layout
 
 
@@ -62,5 +62,5 @@ def build(layout: Layout, device_type: str | None = None) -> tuple[Dist, DeviceM
                 dp=group("dp"), dp_size=layout.dp, dp_rank=coords["dp"],
                 pp=group("pp"), pp_size=layout.pp, pp_rank=coords["pp"],
                 sp=layout.sp and layout.tp > 1, data=data, data_size=layout.dp * layout.ep,
-                data_rank=coords["dp"] * layout.ep + coords["ep"], mesh=mesh)
+                data_rank=layout.data_index(coords), mesh=mesh)
     return dist, mesh

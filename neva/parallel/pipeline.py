@@ -10,8 +10,9 @@ are non-blocking and receives blocking, which makes both schedules deadlock-free
          then drains; at most pp - s micro-batches are in flight (Megatron's non-interleaved 1F1B).
 
 Every rank of a stage gets the same micro-batches (it needs their shapes, masks and positions);
-only stage 0 reads the pixels. Loss normalisation is ``model.combine``'s: CE by the step's global
-label count, MoE losses by the step's global micro-batch count, each stage adding its own layers'.
+only stage 0 reads the pixels. A stage runs the model's own trunk (``model.trunk``) over its range of
+layers, and weighs its ``LossTerms`` as every forward does (``LossTerms.total``: CE by the step's
+label count, MoE losses by its micro-batch count), each stage adding its own layers' share.
 """
 from __future__ import annotations
 
@@ -20,11 +21,10 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from neva import llm, model
+from neva import comm, llm, model
 from neva.config import ModelConfig
+from neva.loss import LossTerms
 from neva.params import flatten, unflatten
-from neva.parallel import comm
-from neva.parallel.comm import Dist
 
 SCHEDULES = ("1f1b", "gpipe")
 
@@ -42,14 +42,16 @@ def schedule_order(kind: str, n_micro: int, stage: int, n_stages: int) -> list[t
     return order + [("B", m) for m in range(n_micro - warm, n_micro)]
 
 
-def compute_grads(params: dict, cfg: ModelConfig, micro_batches: list[dict], dist: Dist, stage_ids: range, *,
-                  trainable: list[str], n_total: float, n_micro_total: int, schedule: str = "1f1b",
-                  autocast: Callable | None = None, layer_kw: dict | None = None, loss_scale: float = 1.0,
-                  prepare: Callable | None = None) -> tuple[dict[str, Tensor], Tensor]:
+def compute_grads(params: dict, cfg: ModelConfig, micro_batches: list[dict], par, *, trainable: list[str],
+                  n_total: float, n_micro: int, autocast: Callable | None = None,
+                  layers: llm.Layers = llm.layers, loss_scale: float = 1.0,
+                  prepare: Callable | None = None) -> tuple[dict[str, Tensor], LossTerms]:
     """This stage's gradients (path -> fp32 tensor, for its ``trainable`` local leaves, not yet
-    synchronised over data ranks) and its share of the statistics ``[ce, aux, z, loss]`` (sum them
-    over the pp group). ``n_total``: the step's label count over all micro-batches and data ranks;
-    ``n_micro_total``: micro-batches x data ranks."""
+    summed over ranks) and its LossTerms summed over the micro-batches (reduce them over the ranks).
+    ``par``: the rank's ``neva.parallel.runtime.Parallel`` (its stage, pipeline group and schedule);
+    ``n_total``: the step's label count over all micro-batches and data ranks; ``n_micro``:
+    micro-batches x data ranks."""
+    dist = par.dist
     s, S = dist.pp_rank, dist.pp_size
     first, last = s == 0, s == S - 1
     flat = flatten(params)
@@ -59,37 +61,24 @@ def compute_grads(params: dict, cfg: ModelConfig, micro_batches: list[dict], dis
     dtype, device = lead.dtype, lead.device
     p2p = comm.P2P(dist)
     ctxmgr = autocast or (lambda: torch.autocast("cpu", enabled=False))
-    layer_kw = layer_kw or {}
     saved: dict[int, tuple] = {}
-    stats = torch.zeros(4, device=device)
+    terms = LossTerms.zeros(device)
 
     def forward(m: int) -> None:
+        nonlocal terms
         nb = model.normalize_batch(cfg, micro_batches[m], dist)
         p = unflatten({**frozen, **tr})
         p = prepare(p) if prepare is not None else p
         B, T = nb["input_ids"].shape
         shape = (B, T // dist.tp_size if dist.sp else T, cfg.llm.dim)
         with torch.enable_grad(), ctxmgr():
-            if first:
-                x_in, x = None, model.embed_inputs(p, cfg, nb, dist)
-            else:
-                x_in = p2p.recv(shape, dtype, p2p.prev, device).requires_grad_()
-                x = x_in
-            ctx = model.context(cfg, nb, dist, x.dtype)
-            x, aux, z = llm.layers(p["llm"], x, ctx, cfg.llm, dist, stage_ids, moe_dispatch=cfg.moe_dispatch, **layer_kw)
-            moe = x.new_zeros((), dtype=torch.float32)
-            if cfg.llm.n_experts:
-                moe = model.combine({"ce_sum": moe, "n_tokens": 1, "aux": aux, "z": z}, cfg, n_micro=n_micro_total)
-            ce = moe.new_zeros(())
-            if last:
-                h = llm.norm(p["llm"]["norm"], x, cfg.llm)
-                ce_sum, _ = model.head_loss(p["llm"], h, nb, dist)
-                ce = ce_sum.float() / n_total
-            else:
+            x_in = None if first else p2p.recv(shape, dtype, p2p.prev, device).requires_grad_()
+            x, t = model.trunk(p, cfg, nb, dist, x=x_in, ids=par.stage, loss=last, layers=layers)
+            if not last:
                 p2p.send(x.to(dtype), p2p.next)
-        stats.add_(torch.stack([ce.detach(), aux.detach().float() / n_micro_total, z.detach().float() / n_micro_total,
-                                (ce + moe).detach()]))
-        saved[m] = (x_in, x, ce + moe)
+            loss = t.total(cfg.llm, n_total, n_micro)
+        terms = terms + t.detach()
+        saved[m] = (x_in, x, loss)
 
     def backward(m: int) -> None:
         x_in, x_out, loss = saved.pop(m)
@@ -103,9 +92,9 @@ def compute_grads(params: dict, cfg: ModelConfig, micro_batches: list[dict], dis
         if not first:
             p2p.send(x_in.grad if x_in.grad is not None else torch.zeros_like(x_in), p2p.prev)
 
-    for kind, m in schedule_order(schedule, len(micro_batches), s, S):
+    for kind, m in schedule_order(par.schedule, len(micro_batches), s, S):
         forward(m) if kind == "F" else backward(m)
     p2p.finish()
     grads = {p: (t.grad.float() if t.grad is not None else torch.zeros_like(t, dtype=torch.float32))
              for p, t in tr.items()}
-    return grads, stats
+    return grads, terms

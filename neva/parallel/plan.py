@@ -6,15 +6,23 @@ wins, big_vision style). ``validate`` checks everything that must divide, up fro
 layout that fits; ``shard`` slices a full tree into one rank's local tree (dropping leaves of other
 pipeline stages); ``unshard`` puts local trees back together.
 
+Everything else a layout decides is a table of the plan too, read top to bottom:
+  stage_rules  path regex -> pipeline stage ("first", "last", or "layer": the stage of layer group(1))
+  sp_parts     top-level parts whose activations are split along the sequence under SP
+  shares       leaves that run where another leaf runs (a LoRA factor: its weight's stage and TP region)
+  read_whole   leaves read whole from HF folders even under a plan
+A top-level part none of whose leaves is placed on tp is replicated: it runs with tp off.
+
 Mesh order is (pp, dp, ep, tp), tp fastest: rank = ((pp_i * dp + dp_i) * ep + ep_i) * tp + tp_i.
-Data is split over dp x ep; experts over ep; heads, mlp and vocab over tp; layers over pp.
+Data is split over dp x ep (``Layout.data_index``); experts over ep; heads, mlp and vocab over tp;
+layers over pp.
 """
 from __future__ import annotations
 
 import itertools
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import Tensor
@@ -24,7 +32,12 @@ from neva.params import ParamSpec, flatten, unflatten
 
 RULES = {"heads": "tp", "kv_heads": "tp", "mlp": "tp", "vocab": "tp", "experts": "ep"}
 AXES = ("pp", "dp", "ep", "tp")
-PARTS = ("vision", "projector", "llm")
+STAGE_RULES = ((r"^llm/layers/(\d+)/", "layer"),          # media, projector and embedding on the first
+               (r"^llm/(norm|lm_head)/", "last"),          # stage; the final norm and the head on the last
+               (r"", "first"))
+SP_PARTS = ("llm",)
+SHARES = ((r"^(.+)_lora_[ab]$", r"\1"),)
+READ_WHOLE = (r"^llm/(embed|lm_head)/w$",)               # the image token may still grow the vocabulary
 
 
 @dataclass(frozen=True)
@@ -56,6 +69,11 @@ class Layout:
         for axis in AXES:
             r = r * self.size(axis) + coords.get(axis, 0)
         return r
+
+    def data_index(self, coords: dict) -> int:
+        """Which shard of each global batch a rank reads: ranks that differ in dp or ep see different
+        samples (ep ranks too: their experts then see every ep rank's tokens)."""
+        return coords["dp"] * self.ep + coords["ep"]
 
     def __str__(self) -> str:
         s = "x".join(f"{a}{self.size(a)}" for a in AXES if self.size(a) > 1) or "single"
@@ -97,7 +115,7 @@ def stage_costs(cfg: ModelConfig, text_tokens: int = 64) -> tuple[float, float]:
     l, v = cfg.llm, cfg.vision
     tokens = cfg.tokens_per_image + text_tokens
     layer = tokens * (2 * l.dim * (l.n_heads + l.n_kv_heads) * l.hd + 3 * l.dim * l.ffn_dim * (l.top_k if l.n_experts else 1))
-    vis = v.layers_used * v.n_positions * (4 * v.dim * v.dim + 2 * v.dim * v.mlp_dim)
+    vis = v.layers_used * v.tokens_out * (4 * v.dim * v.dim + 2 * v.dim * v.mlp_dim)
     head = text_tokens * l.dim * l.vocab_size
     return vis / layer, head / layer
 
@@ -107,6 +125,10 @@ class Plan:
     layout: Layout = field(default_factory=Layout)
     rules: tuple = tuple(RULES.items())
     overrides: tuple = ()            # ((regex, "replicate" | tuple of mesh axis or None per dim), ...)
+    stage_rules: tuple = STAGE_RULES
+    sp_parts: tuple = SP_PARTS
+    shares: tuple = SHARES
+    read_whole: tuple = READ_WHOLE
 
     # ------------------------------------------------------------------------------ placements
     def placement(self, path: str, spec: ParamSpec) -> tuple:
@@ -127,29 +149,54 @@ class Plan:
     def placements(self, specs: dict) -> dict[str, tuple]:
         return {p: self.placement(p, s) for p, s in flatten(specs).items()}
 
+    def base(self, path: str) -> str:
+        """The leaf ``path`` runs with (``shares``): itself unless it is, e.g., a LoRA factor."""
+        for rx, repl in self.shares:
+            if re.search(rx, path):
+                return re.sub(rx, repl, path)
+        return path
+
     def replicated_parts(self, specs: dict) -> frozenset:
-        """Parts the plan keeps whole on every tp rank (they then run with tp off)."""
+        """Top-level parts the plan keeps whole on every tp rank (they then run with tp off)."""
+        if self.layout.tp == 1:
+            return frozenset()
+        by_part: dict[str, list] = {}
+        for p, v in self.placements(specs).items():
+            by_part.setdefault(p.split("/")[0], []).append(v)
+        return frozenset(part for part, vs in by_part.items() if all("tp" not in v for v in vs))
+
+    def grad_sums(self, specs: dict) -> dict[str, tuple[str, ...]]:
+        """Per leaf, the groups its gradient is summed over after the backward (``Dist`` fields):
+        every leaf over the ranks that read other samples (``data``: dp x ep; ``dp`` for expert
+        leaves, whose ep ranks already received every ep rank's tokens); and over ``tp`` a leaf left
+        whole whose gradient each tp rank holds a part of: one running where a tp-sharded leaf runs
+        (a LoRA factor of a sharded weight sums over the other factor's shards), or, under SP, one of
+        an SP part outside the TP regions (norms, router: each rank saw its slice of the sequence)."""
         pl = self.placements(specs)
-        out = set()
-        for part in ("vision", "projector"):
-            mine = [v for p, v in pl.items() if p.startswith(part + "/")]
-            if mine and all("tp" not in v for v in mine):
-                out.add(part)
-        return frozenset(out)
+        sp = frozenset(self.sp_parts) - self.replicated_parts(specs) if self.layout.sp else frozenset()
+        out = {}
+        for p, place in pl.items():
+            base = pl.get(self.base(p), place)
+            partial = self.layout.tp > 1 and "tp" not in place and ("tp" in base or p.split("/")[0] in sp)
+            out[p] = ("dp" if "ep" in place else "data",) + (("tp",) if partial else ())
+        return out
 
     # --------------------------------------------------------------------------------- stages
     def stages(self, cfg: ModelConfig) -> list[range]:
         return stage_layers(cfg.llm.n_layers, self.layout.pp, *stage_costs(cfg))
 
     def stage_of(self, path: str, cfg: ModelConfig) -> int:
-        """Pipeline stage that holds a leaf: media and embeddings on 0, norm and head on the last."""
-        m = re.match(r"llm/layers/(\d+)/", path)
-        if m:
-            i = int(m.group(1))
-            return next(s for s, r in enumerate(self.stages(cfg)) if i in r)
-        if path.startswith(("llm/norm/", "llm/lm_head/")):
-            return self.layout.pp - 1
-        return 0
+        """Pipeline stage that holds a leaf, by ``stage_rules`` (first match wins)."""
+        path = self.base(path)
+        for rx, where in self.stage_rules:
+            m = re.search(rx, path)
+            if m is None:
+                continue
+            if where == "layer":
+                i = int(m.group(1))
+                return next(s for s, r in enumerate(self.stages(cfg)) if i in r)
+            return {"first": 0, "last": self.layout.pp - 1}[where]
+        raise ValueError(f"no plan stage rule matches {path}: add one to Plan.stage_rules")
 
     # ------------------------------------------------------------------------------- validate
     def validate(self, cfg: ModelConfig, specs: dict, world: int | None = None, suggest: bool = True) -> "Plan":
@@ -182,7 +229,7 @@ class Plan:
         for part, n, name in heads:
             if part not in reps and lay.tp > 1 and n % lay.tp:
                 problems.append(f"{name}={n} does not divide by tp={lay.tp}")
-        for part in ("vision", "projector"):  # a part is sharded as a whole or replicated as a whole
+        for part in dict.fromkeys(p.split("/")[0] for p in pl):  # sharded as a whole or replicated as a whole
             mine = {p: pv for p, pv in pl.items() if p.startswith(part + "/")}
             tp_able = [p for p in mine if "tp" in [dict(self.rules).get(a) for a in flat[p].axes]]
             if part not in reps and lay.tp > 1 and any("tp" not in mine[p] for p in tp_able):
@@ -198,7 +245,7 @@ class Plan:
         for tp, pp, ep in itertools.product([1, 2, 4, 8], repeat=3):
             if world % (tp * pp * ep):
                 continue
-            cand = Plan(Layout.fit(world, tp, pp, ep, self.layout.sp and tp > 1), self.rules, self.overrides)
+            cand = replace(self, layout=Layout.fit(world, tp, pp, ep, self.layout.sp and tp > 1))
             try:
                 cand.validate(cfg, specs, world, suggest=False)
             except ValueError:
@@ -275,9 +322,10 @@ class Plan:
         if lay.tp > 1:
             lines.append(f"  per LLM layer, attention and MLP each: enter TP {enter}; leave TP {leave}")
             lines.append("  embedding: all-reduce fwd; loss: 3 all-reduces of [tokens] (max, sum-exp, target logit)")
-            for part in ("vision", "projector"):
-                lines.append(f"  {part}: " + ("replicated on every tp rank (no collectives)" if part in reps
-                                             else "sharded over tp: all-reduce fwd and bwd per block"))
+            for part in dict.fromkeys(p.split("/")[0] for p in flat):
+                if part not in self.sp_parts:
+                    lines.append(f"  {part}: " + ("replicated on every tp rank (no collectives)" if part in reps
+                                                 else "sharded over tp: all-reduce fwd and bwd per block"))
         if cfg.llm.n_experts:
             if lay.ep > 1:
                 lines.append("  per MoE layer: all-to-all of counts, all-to-all of tokens out and back (x2 in bwd)")

@@ -1,44 +1,38 @@
-"""A run under a plan: set up the mesh from what torchrun launched, shard params, reduce gradients,
-measure the global gradient norm, and gather params whole for evaluation and export.
+"""One rank's parallel state, and what a run under a plan does with it: set up the mesh from what
+torchrun launched, shard params, sum gradients, measure the global gradient norm, and gather params
+whole for evaluation and export. ``Parallel`` is the one object a training function takes; the model
+functions take its ``dist``.
 
     par = runtime.setup(cfg, tp=2, pp=2, ep=1, sp=True)   # world size from torchrun; dp = the rest
     local = par.shard(params)                              # this rank's leaves
-    ... grads -> par.sync(grads); norm = par.norm(grads) ...
+    ... grads -> par.sync(grads); norm = par.sq_norm(grads).sqrt() ...
     full = par.gather(local)                               # on rank 0 (None elsewhere)
 
-With ``zero1=True`` each dp rank keeps the optimizer state of a share of the leaves (``owned``),
-updates those and broadcasts them (``share_updates``); gradients are still all-reduced whole.
+``specs`` are what the plan places: the model's, plus any leaves a run adds (LoRA factors come with
+their own ParamSpecs, ``neva.train.lora.specs``). With ``zero1=True`` each dp rank keeps the optimizer
+state of a share of the leaves (``owned``), updates those and broadcasts them (``share_updates``);
+gradients are still all-reduced whole.
 
-Without torchrun (or with a world of 1) everything here is the identity.
+Without torchrun (or with a world of 1) everything here is the identity. The rank's coordinates come
+from its ``Dist`` (the mesh), so a simulated world (``neva.testing``) slices per rank the same way.
 """
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.distributed as tdist
 from torch import Tensor
 
-from neva import model
+from neva import comm, model
+from neva.comm import Dist
 from neva.config import ModelConfig
 from neva.params import flatten, unflatten
-from neva.parallel import comm, mesh
-from neva.parallel.comm import Dist
+from neva.parallel import mesh
 from neva.parallel.grads import sync_grads
-from neva.parallel.plan import Layout, Plan
-
-_LORA = re.compile(r"^(.*)_lora_([ab])$")
-
-
-def lora_placement(path: str, placements: dict[str, tuple]) -> tuple | None:
-    """A LoRA leaf follows its weight: ``a [.., r, in]`` takes the weight's ``in`` sharding, ``b
-    [.., out, r]`` its ``out`` sharding; the rank dim is never sharded."""
-    m = _LORA.match(path)
-    if not m or m.group(1) not in placements:
-        return None
-    *lead, out, inp = placements[m.group(1)]
-    return (*lead, None, inp) if m.group(2) == "a" else (*lead, out, None)
+from neva.parallel.pipeline import SCHEDULES
+from neva.parallel.plan import AXES, Layout, Plan
 
 
 @dataclass
@@ -50,6 +44,7 @@ class Parallel:
     rank: int = 0
     schedule: str = "1f1b"     # pipeline schedule: 1f1b | gpipe
     zero1: bool = False        # optimizer state split over dp: each leaf's state on one dp rank
+    _cache: dict = field(default_factory=dict, repr=False)
 
     @property
     def layout(self) -> Layout:
@@ -60,49 +55,55 @@ class Parallel:
         return self.layout.world == 1
 
     @property
-    def stage(self) -> range:
-        """The LLM layers this rank runs."""
-        return self.plan.stages(self.cfg)[self.layout.coords(self.rank)["pp"]]
-
-    @property
     def main(self) -> bool:
         return self.rank == 0
 
+    @property
+    def coords(self) -> dict:
+        """This rank's coordinate on each mesh axis (per-rank SymInts in a simulated world)."""
+        d = self.dist
+        c = {"pp": d.pp_rank, "dp": d.dp_rank, "ep": d.ep_rank, "tp": d.tp_rank}
+        return {a: (0 if self.layout.size(a) == 1 else c[a]) for a in AXES}
+
+    @property
+    def stage_index(self) -> int:
+        return int(self.coords["pp"])
+
+    @property
+    def stage(self) -> range:
+        """The LLM layers this rank runs."""
+        return self.plan.stages(self.cfg)[self.stage_index]
+
     def placements(self, paths=None) -> dict[str, tuple]:
-        """Placement of every leaf (LoRA leaves included when their paths are given)."""
-        if getattr(self, "_pl", None) is None:
-            self._pl = self.plan.placements(self.specs)
-        pl = dict(self._pl)
-        for p in paths or ():
-            if p not in pl:
-                lp = lora_placement(p, pl)
-                if lp is None:
-                    raise KeyError(f"{p} is not a leaf of the model config (nor a LoRA factor of one): "
-                                   "the plan cannot place it")
-                pl[p] = lp
+        """Placement of every leaf of ``specs``; ``paths`` (if given) must all be among them."""
+        if "pl" not in self._cache:
+            self._cache["pl"] = self.plan.placements(self.specs)
+        pl = self._cache["pl"]
+        unknown = [p for p in paths or () if p not in pl]
+        if unknown:
+            raise KeyError(f"{unknown[:3]} are not leaves of the specs this plan was set up with: pass the "
+                           "specs of every leaf you train (e.g. LoRA: runtime.setup(..., specs=lora.specs(...)))")
         return pl
 
+    def _mine(self, path: str) -> bool:
+        return self.plan.stage_of(path, self.cfg) == self.stage_index
+
     def shard(self, params: dict) -> dict:
-        """Full tree (LoRA leaves allowed) -> this rank's local tree."""
+        """Full tree -> this rank's local tree: its stage's leaves, sliced by placement."""
         if self.single:
             return params
         flat = flatten(params)
         pl = self.placements(flat)
-        coords = self.layout.coords(self.rank)
-        return unflatten({p: self.plan.shard_leaf(t, pl[p], coords) for p, t in flat.items()
-                          if self.plan.stage_of(_LORA.sub(r"\1", p), self.cfg) == coords["pp"]})
-
-    WHOLE = ("llm/embed/w", "llm/lm_head/w")   # read whole: the image token may still grow the vocabulary
+        return unflatten({p: self.plan.shard_leaf(t, pl[p], self.coords) for p, t in flat.items() if self._mine(p)})
 
     def hf_slices(self, path: str, full_shape: tuple) -> tuple | None:
         """For ``neva.hf.load(..., shard=par.hf_slices)``: the slices of a leaf this rank reads from
-        an HF folder (empty for leaves of other pipeline stages, whole for the embeddings)."""
-        if self.single or path in self.WHOLE:
+        an HF folder (empty for leaves of other pipeline stages, whole for ``plan.read_whole``)."""
+        if self.single or any(re.search(rx, path) for rx in self.plan.read_whole):
             return None
-        coords = self.layout.coords(self.rank)
-        if self.plan.stage_of(path, self.cfg) != coords["pp"]:
+        if not self._mine(path):
             return tuple(slice(0, 0) for _ in full_shape)
-        place = self.placements().get(path) or lora_placement(path, self.placements()) or (None,) * len(full_shape)
+        place, coords = self.placements()[path], self.coords
         out = []
         for d, ax in enumerate(place):
             n = full_shape[d] // self.layout.size(ax) if ax else full_shape[d]
@@ -118,24 +119,16 @@ class Parallel:
         flat = flatten(params)
         pl = self.placements(flat)
         spec_shapes = {p: tuple(s.shape) for p, s in flatten(self.specs).items()}
-        coords = self.layout.coords(self.rank)
-        out = {}
-        for p, t in flat.items():
-            if self.plan.stage_of(_LORA.sub(r"\1", p), self.cfg) != coords["pp"]:
-                continue
-            full = spec_shapes.get(p, tuple(t.shape))
-            out[p] = self.plan.shard_leaf(t, pl[p], coords) if tuple(t.shape) == full else t
-        return unflatten(out)
+        return unflatten({p: self.plan.shard_leaf(t, pl[p], self.coords) if tuple(t.shape) == spec_shapes[p] else t
+                          for p, t in flat.items() if self._mine(p)})
 
     def sync(self, grads: dict[str, Tensor]) -> dict[str, Tensor]:
         """Sum gradients (flat path -> tensor, in place) over the ranks that share each leaf."""
         if self.single:
             return grads
-        pl = self.placements(grads)
-        # a LoRA factor replicated over tp multiplies a tp-sharded weight slice: its gradient is partial
-        partial = {p for p in grads if (m := _LORA.match(p)) and "tp" not in pl[p] and "tp" in pl[m.group(1)]}
-        sync_grads(grads, pl, self.dist, tp_partial=partial)
-        return grads
+        if "sums" not in self._cache:
+            self._cache["sums"] = self.plan.grad_sums(self.specs)
+        return sync_grads(grads, self._cache["sums"], self.dist)
 
     def sq_norm(self, grads: dict[str, Tensor]) -> Tensor:
         """Squared global L2 norm of the full (unsharded) gradient: each shard counted once."""
@@ -170,7 +163,7 @@ class Parallel:
         """The trainable leaves whose optimizer state this rank keeps (None: all of them)."""
         if not self.zero1 or self.layout.dp == 1:
             return None
-        me = self.layout.coords(self.rank)["dp"]
+        me = self.coords["dp"]
         return {p for p, c in self.owners(local, trainable).items() if c == me}
 
     def share_updates(self, params: dict, trainable: list[str]) -> None:
@@ -209,20 +202,27 @@ class Parallel:
         return unflatten(out)
 
 
-def setup(cfg: ModelConfig, tp: int = 1, pp: int = 1, ep: int = 1, sp: bool = False,
-          overrides: tuple = (), schedule: str = "1f1b", zero1: bool = False) -> Parallel:
-    """The plan for this launch: ``torchrun`` sets the world size and dp is what is left; a plan that
-    does not fit the world or the model is an error here, before any work."""
-    world = 1
+def setup(cfg: ModelConfig, tp: int = 1, pp: int = 1, ep: int = 1, sp: bool = False, overrides: tuple = (),
+          schedule: str = "1f1b", zero1: bool = False, specs: dict | None = None) -> Parallel:
+    """The plan for this launch: ``torchrun`` sets the world size (or an initialised process group
+    does) and dp is what is left; a plan that does not fit the world or the model is an error here,
+    before any work. ``specs``: every leaf the run trains (default: the model's)."""
     if mesh.launched():
         mesh.init_process_group()
-        world = tdist.get_world_size()
+    world = tdist.get_world_size() if tdist.is_initialized() else 1
     plan = Plan(Layout.fit(world, tp, pp, ep, sp and tp > 1), overrides=tuple(overrides))
-    specs = model.specs(cfg)
-    plan.validate(cfg, specs, world)
-    dist, _ = mesh.build(plan.layout)
-    dist = replace(dist, replicate=plan.replicated_parts(specs))
-    from neva.parallel.pipeline import SCHEDULES
+    return make(cfg, plan, mesh.build(plan.layout)[0], specs, tdist.get_rank() if tdist.is_initialized() else 0,
+                schedule, zero1)
+
+
+def make(cfg: ModelConfig, plan: Plan, dist: Dist, specs: dict | None = None, rank: int = 0,
+         schedule: str = "1f1b", zero1: bool = False) -> Parallel:
+    """The ``Parallel`` of a rank whose mesh is built (``mesh.build``): the plan, checked against the
+    model, tells its ``Dist`` which parts run replicated and which sequence-parallel."""
     if schedule not in SCHEDULES:
         raise ValueError(f"parallel.pp_schedule={schedule!r}: use one of {SCHEDULES}")
-    return Parallel(cfg, plan, dist, specs, tdist.get_rank() if tdist.is_initialized() else 0, schedule, zero1)
+    specs = specs if specs is not None else model.specs(cfg)
+    plan.validate(cfg, specs)
+    reps = plan.replicated_parts(specs)
+    dist = replace(dist, replicate=reps, sp_parts=frozenset(plan.sp_parts) - reps)
+    return Parallel(cfg, plan, dist, specs, rank, schedule, zero1)

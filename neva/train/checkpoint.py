@@ -252,7 +252,7 @@ def load(path: str | Path, state: TrainState, par=None, frozen: dict | None = No
 
         def elsewhere(k: str) -> bool:
             leaf = leaf_of(k) or ""
-            return ((par.layout.pp > 1 and leaf.split("_lora_")[0] in model_leaves)  # another stage's leaf
+            return ((par.layout.pp > 1 and leaf in model_leaves)                     # another stage's leaf
                     or (par.zero1 and k.startswith("optim/") and leaf in trained))   # another dp rank's state
         extra = [k for k in extra if not elsewhere(k)]
     if missing or extra:

@@ -1,14 +1,20 @@
-"""The training loop every experiment shares: resume, steps, metrics, checkpoints, evaluation hooks.
+"""The training loop every experiment shares: stages, resume, steps, metrics, checkpoints, evaluation.
 
-    state = loop.train(exp, params, batches, eval_fn=...)
+    res = loop.run(exp, params, batches_for, par=par, eval_fn=...)     # every stage the config asks for
+    res = loop.train(exp, params, batches)                              # one stage
 
-``batches`` is an iterator of batches (``neva.model`` batch dicts, ``data.batch_size`` rows each);
-if it has ``state_dict()`` / ``load_state_dict()`` (a sampler position) that goes into checkpoints,
-so a resumed run sees the same data. Writes under ``run.dir``: ``config.json`` (the resolved config),
-``metrics.jsonl`` (one row per step: ``step``, ``loss``, ``ce``, ``aux``, ``z``, ``lr``, ``grad_norm``,
-``tokens_per_s`` ... plus evaluation results on the steps that evaluate), TensorBoard events in
-``tb/``, checkpoints in ``checkpoints/``. On an error (a run of non-finite losses, Ctrl-C) the last
-good state is checkpointed before the error propagates, so nothing trained is lost.
+A run is a list of ``Stage``s (``stages``): LLaVA's projector pretraining (``train.pretrain_*``: its own
+data, template, lr and frozen leaves) when asked for, then the main stage. ``train.resume=auto`` resumes
+each stage from its own newest checkpoint; a checkpoint folder resumes the stage it belongs to, so a
+recipe never repeats this logic. ``batches_for(stage)`` gives each stage's batches (``neva.model`` batch
+dicts, ``data.batch_size`` rows each); if they have ``state_dict()`` / ``load_state_dict()`` (a sampler
+position) that goes into checkpoints, so a resumed run sees the same data.
+
+Writes under ``run.dir``: ``config.json`` (the resolved config), ``metrics.jsonl`` (one row per step:
+``step``, ``loss``, ``ce``, ``aux``, ``z``, ``lr``, ``grad_norm``, ``tokens_per_s`` ... plus evaluation
+results on the steps that evaluate), TensorBoard events in ``tb/``, checkpoints in ``checkpoints/``
+(a stage's under ``checkpoints/<tag>``). On an error (a run of non-finite losses, Ctrl-C) the last good
+state is checkpointed before the error propagates, so nothing trained is lost.
 """
 from __future__ import annotations
 
@@ -17,19 +23,24 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.distributed as tdist
 
-from neva.experiment import Experiment, optimizer_groups, save as save_config
+from dataclasses import replace
+
+from neva import overrides
+from neva.batch import split as split_batch
 from neva.params import Tree, flatten, unflatten
-from neva.parallel.comm import LOCAL, Dist
 from neva.train import checkpoint as ckpt
 from neva.train import lora as lora_mod
 from neva.train import optim
+from neva.train.config import RESUME_WORDS
 from neva.train.remat import RematPolicy
-from neva.train.step import NonFiniteLoss, StepSetup, TrainState, init_state, split_batch, train_step
+from neva.train.step import NonFiniteLoss, StepSetup, TrainState, init_state, train_step
+
+Experiment = Any          # neva.experiment.Experiment (above this floor): model, data, train, eval, checkpoint, run
 
 
 def pick_threads(requested: int = 0) -> int:
@@ -64,12 +75,50 @@ def is_main() -> bool:
     return not (tdist.is_available() and tdist.is_initialized()) or tdist.get_rank() == 0
 
 
-def make_setup(exp: Experiment, dist: Dist = LOCAL, steps: int | None = None, groups: tuple | None = None,
-               par=None) -> StepSetup:
+@dataclass(frozen=True)
+class Stage:
+    """One stage of a run: its own config (data, template, lr, resume), steps and optimizer groups;
+    ``tag`` names its checkpoint folder and prefixes its metrics ("" = the main stage); ``offset`` is
+    the metrics step its first step follows."""
+
+    exp: Experiment
+    steps: int
+    groups: tuple
+    tag: str = ""
+    offset: int = 0
+    desc: str = "train"
+
+
+def stages(exp: Experiment) -> list[Stage]:
+    """The stages ``exp.train`` asks for: projector pretraining first when ``train.pretrain_steps``,
+    then the main stage. ``train.resume=PATH`` resumes the stage that wrote PATH: an earlier stage is
+    then skipped (the checkpoint holds all that the later one trains) and a later one starts from where
+    PATH's stage ends."""
+    t = exp.train
+    main_resume, run_pre = t.resume, bool(t.pretrain_steps)
+    if t.pretrain_steps and t.resume not in RESUME_WORDS:
+        if ckpt.tag_of(t.resume) == "pretrain":
+            main_resume = "none"
+        else:
+            run_pre = False
+    out = []
+    if run_pre:
+        data = exp.data if exp.data is None else replace(exp.data, data_path=t.pretrain_data or exp.data.data_path,
+                                                         template=t.pretrain_template)
+        pt = replace(t, lr=t.pretrain_lr or t.lr, warmup=min(t.warmup, t.pretrain_steps // 4))
+        out.append(Stage(replace(exp, data=data, train=pt), t.pretrain_steps,
+                         replace(pt, freeze=t.pretrain_freeze).optimizer_groups(), "pretrain", 0, "stage 1 (captions)"))
+    main = replace(exp, train=replace(t, resume=main_resume))
+    out.append(Stage(main, t.steps, t.optimizer_groups(), "", t.pretrain_steps,
+                     "stage 2 (questions)" if t.pretrain_steps else "train"))
+    return out
+
+
+def make_setup(exp: Experiment, par=None, steps: int | None = None, groups: tuple | None = None) -> StepSetup:
     """The StepSetup an experiment's ``train`` section describes (LoRA freezes all but its leaves);
     ``par`` (neva.parallel.runtime.Parallel) runs it under a parallel plan."""
     t = exp.train
-    gs = optimizer_groups(exp) if groups is None else groups
+    gs = t.optimizer_groups() if groups is None else groups
     prepare = None
     if t.lora:
         gs = lora_mod.groups(gs)
@@ -78,9 +127,7 @@ def make_setup(exp: Experiment, dist: Dist = LOCAL, steps: int | None = None, gr
     opt = optim.AdamW(lr=t.lr, betas=t.betas, weight_decay=t.weight_decay, clip=t.clip, warmup=t.warmup,
                       total=steps or t.steps, min_lr_ratio=t.min_lr_ratio, groups=gs)
     remat = RematPolicy(t.remat, t.remat_layers) if t.remat != "none" else None
-    if par is not None and not par.single:
-        dist = par.dist
-    return StepSetup(exp.model, opt.validate(), precision=t.precision, dist=dist, mode=t.mode, remat=remat,
+    return StepSetup(exp.model, opt.validate(), precision=t.precision, mode=t.mode, remat=remat,
                      max_bad_steps=t.max_bad_steps, prepare=prepare, par=None if par is None or par.single else par)
 
 
@@ -131,6 +178,7 @@ class Result:
     setup: StepSetup
     rows: list[dict] = field(default_factory=list)
     resumed_from: Path | None = None
+    step: int = 0                     # the stage's steps done (resumed ones included)
 
 
 def plain_params(exp: Experiment, state: TrainState, merge_lora: bool = True) -> dict:
@@ -144,91 +192,129 @@ def plain_params(exp: Experiment, state: TrainState, merge_lora: bool = True) ->
     return params
 
 
-def train(exp: Experiment, params: Tree, batches: Iterator[dict], *, dist: Dist = LOCAL, par=None,
-          frozen: dict | None = None,
-          eval_fn: Callable[[Tree, int], dict] | None = None, setup: StepSetup | None = None,
-          steps: int | None = None, run_dir: str | Path | None = None, desc: str = "train",
-          tag: str = "", step_offset: int = 0) -> Result:
-    """Train ``params`` (fp32 tree; LoRA leaves already added if ``train.lora``) for ``steps``
-    (default ``train.steps``) on ``batches``. ``eval_fn(params, step) -> {name: number}`` runs every
-    ``eval.every`` steps on ``plain_params`` (fp32, masters, LoRA merged); its results join that
-    step's metrics row. ``tag`` prefixes metric names and names its checkpoint folder (a stage of a
-    multi-stage recipe); ``step_offset`` shifts the ``step`` of its metrics rows so stages read as
-    one curve.
+def run(exp: Experiment, params: Tree, batches_for: Callable[[Stage], Iterator[dict]], *, par=None,
+        eval_fn: Callable[[Tree, int], dict] | None = None, sources: dict | None = None) -> Result:
+    """Every stage of ``exp`` (``stages``) on ``params`` (full fp32 tree; LoRA leaves added if
+    ``train.lora``), each continuing from the last. Under a plan (``par``) each rank trains its
+    shard. ``eval_fn`` runs in the main stage. ``sources`` ({"vision": HF folder, ...}): the base came
+    from there, so checkpoints leave out the leaves a stage does not train (and check them at resume).
+    -> the main stage's Result."""
+    local = params if par is None else par.shard(params)
+    res = None
+    for st in stages(exp):
+        setup = make_setup(st.exp, par, st.steps, st.groups)
+        frozen = None if sources is None else ckpt.frozen_info(params, optim.trainable_paths(params, setup.opt), sources)
+        res = train(st.exp, local, batches_for(st), par=par, setup=setup, frozen=frozen, stage=st,
+                    eval_fn=eval_fn if not st.tag else None)
+        local = plain_params(st.exp, res.state, merge_lora=False)
+    return res
+
+
+def train(exp: Experiment, params: Tree, batches: Iterator[dict], *, par=None, setup: StepSetup | None = None,
+          frozen: dict | None = None, eval_fn: Callable[[Tree, int], dict] | None = None,
+          stage: Stage | None = None) -> Result:
+    """Train ``params`` (fp32 tree; LoRA leaves already added if ``train.lora``) for one ``stage``
+    (default: all of ``exp``'s ``train.steps`` as the main stage) on ``batches``. ``eval_fn(params,
+    step) -> {name: number}`` runs every ``eval.every`` steps on ``plain_params`` (fp32, masters,
+    LoRA merged); its results join that step's metrics row.
 
     Under a parallel plan (``par``), ``params`` are this rank's local leaves (``par.shard``) and
     ``batches`` this data rank's rows; checkpoints are sharded (any layout resumes them). ``frozen``
     (``checkpoint.frozen_info``) leaves the frozen leaves out of checkpoints."""
-    run_dir = Path(run_dir or exp.run.dir)
-    steps = steps or exp.train.steps
-    setup = setup or make_setup(exp, dist, steps, par=par)
-    main = is_main()
-    if main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(exp, run_dir)
+    stage = stage or Stage(exp, exp.train.steps, exp.train.optimizer_groups())
+    setup = setup or make_setup(exp, par, stage.steps, stage.groups)
+    run_dir = Path(exp.run.dir)
+    ck_dir = run_dir / "checkpoints" / stage.tag if stage.tag else run_dir / "checkpoints"
     state = init_state(params, setup)
-    ck_dir = run_dir / "checkpoints" / tag if tag else run_dir / "checkpoints"
-    start, resumed = 0, ckpt.resolve(exp.train.resume, ck_dir)
-    if resumed is not None:
-        meta = ckpt.load(resumed, state, par=setup.par, frozen=frozen)
-        start = int(meta["step"])
-        if meta.get("sampler") is not None and hasattr(batches, "load_state_dict"):
-            batches.load_state_dict(meta["sampler"])
-        if main:
-            print(f"resumed from {resumed} at step {start}")
-    metrics = Metrics(run_dir, step_offset + start, exp.run.tensorboard, main)
+    start, resumed = _resume(exp, state, batches, ck_dir, setup, frozen)
+    if is_main():
+        overrides.save(exp, run_dir / "config.json")   # after the checkpoint was checked against it
+    metrics = Metrics(run_dir, stage.offset + start, exp.run.tensorboard, is_main())
     result = Result(state, setup, resumed_from=resumed)
-
-    def save(step: int) -> None:
-        sampler = batches.state_dict() if hasattr(batches, "state_dict") else None
-        ckpt.save(ck_dir, step, state, {"sampler": sampler, "tag": tag}, keep_last=exp.checkpoint.keep_last,
-                  par=setup.par, frozen=frozen)
-
-    bar = _progress(exp, start, steps, desc, main)
-    n_data = setup.dist.data_size        # tokens/s of the whole step: every data rank reads as many
-    step = start
-    last_saved = start if resumed is not None else -1
+    saver = _Saver(exp, state, batches, ck_dir, setup, frozen, stage.tag, last=start if resumed else -1)
+    bar = _progress(exp, start, stage.steps, stage.desc, is_main())
     try:
-        it = iter(batches)
-        while step < steps:
-            t0 = time.perf_counter()
-            batch = next(it)
-            t_data = time.perf_counter() - t0
-            try:
-                row = train_step(state, split_batch(batch, exp.train.grad_accum, setup.cfg), setup)
-            except NonFiniteLoss as e:       # the step is consumed (and logged) like any skipped one
-                step += 1
-                metrics.write(_finish_row(e.row, step + step_offset, n_tokens_in(batch) * n_data, t_data, tag))
-                raise
-            step += 1
-            if eval_fn is not None and exp.eval.every and step % exp.eval.every == 0 and step < steps:
-                row.update(eval_fn(plain_params(exp, state), step))
-            row = _finish_row(row, step + step_offset, n_tokens_in(batch) * n_data, t_data, tag)
-            if step % exp.train.log_every == 0 or step == steps:
-                metrics.write(row)
-            result.rows.append(row)
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(loss=f"{row['loss']:.3f}", refresh=False)
-            if exp.run.threads == 0 and step % 50 == 0:
-                pick_threads(0)              # other work on the CPU comes and goes: re-check
-            if exp.checkpoint.every and step % exp.checkpoint.every == 0 and step < steps:
-                save(step)
-                last_saved = step
-        if step != last_saved:
-            save(step)
-            last_saved = step
+        _steps(exp, state, iter(batches), setup, stage, start, metrics, result, saver, bar, eval_fn)
     except (NonFiniteLoss, KeyboardInterrupt):
-        if step != last_saved:
-            save(step)
-            if main:
-                print(f"saved the last good state at step {step} to {ck_dir}; resume with train.resume=auto")
+        if saver.save(result.step) and is_main():
+            print(f"saved the last good state at step {result.step} to {ck_dir}; resume with train.resume=auto")
         raise
     finally:
         if bar is not None:
             bar.close()
         metrics.close()
     return result
+
+
+def _resume(exp: Experiment, state: TrainState, batches, ck_dir: Path, setup: StepSetup,
+            frozen: dict | None) -> tuple[int, Path | None]:
+    """Load ``train.resume``'s checkpoint into ``state`` (and the sampler position into ``batches``).
+    -> (the step it resumes at, the checkpoint) or (0, None)."""
+    resumed = ckpt.resolve(exp.train.resume, ck_dir)
+    if resumed is None:
+        return 0, None
+    meta = ckpt.load(resumed, state, par=setup.par, frozen=frozen)
+    if meta.get("sampler") is not None and hasattr(batches, "load_state_dict"):
+        batches.load_state_dict(meta["sampler"])
+    if is_main():
+        print(f"resumed from {resumed} at step {meta['step']}")
+    return int(meta["step"]), resumed
+
+
+@dataclass
+class _Saver:
+    """Writes the stage's checkpoints (with the sampler position), each step at most once."""
+
+    exp: Experiment
+    state: TrainState
+    batches: Any
+    ck_dir: Path
+    setup: StepSetup
+    frozen: dict | None
+    tag: str
+    last: int = -1
+
+    def save(self, step: int) -> bool:
+        if step == self.last:
+            return False
+        sampler = self.batches.state_dict() if hasattr(self.batches, "state_dict") else None
+        ckpt.save(self.ck_dir, step, self.state, {"sampler": sampler, "tag": self.tag},
+                  keep_last=self.exp.checkpoint.keep_last, par=self.setup.par, frozen=self.frozen)
+        self.last = step
+        return True
+
+
+def _steps(exp: Experiment, state: TrainState, it: Iterator[dict], setup: StepSetup, stage: Stage, step: int,
+           metrics: "Metrics", result: "Result", saver: _Saver, bar, eval_fn) -> None:
+    """The steps of a stage from ``step`` on: one optimizer step per batch, a metrics row each,
+    evaluation and checkpoints at their intervals, a checkpoint at the end."""
+    n_data = setup.par.dist.data_size if setup.par is not None else 1   # every data rank reads as many tokens
+    result.step = step
+    while step < stage.steps:
+        t0 = time.perf_counter()
+        batch = next(it)
+        t_data = time.perf_counter() - t0
+        try:
+            row = train_step(state, split_batch(batch, setup.cfg, exp.train.grad_accum), setup)
+        except NonFiniteLoss as e:           # the step is consumed (and logged) like any skipped one
+            result.step = step = step + 1
+            metrics.write(_finish_row(e.row, step + stage.offset, n_tokens_in(batch) * n_data, t_data, stage.tag))
+            raise
+        result.step = step = step + 1
+        if eval_fn is not None and exp.eval.every and step % exp.eval.every == 0 and step < stage.steps:
+            row.update(eval_fn(plain_params(exp, state), step))
+        row = _finish_row(row, step + stage.offset, n_tokens_in(batch) * n_data, t_data, stage.tag)
+        if step % exp.train.log_every == 0 or step == stage.steps:
+            metrics.write(row)
+        result.rows.append(row)
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{row['loss']:.3f}", refresh=False)
+        if exp.run.threads == 0 and step % 50 == 0:
+            pick_threads(0)                  # other work on the CPU comes and goes: re-check
+        if exp.checkpoint.every and step % exp.checkpoint.every == 0 and step < stage.steps:
+            saver.save(step)
+    saver.save(step)
 
 
 def n_tokens_in(batch: dict) -> int:

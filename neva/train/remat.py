@@ -12,17 +12,20 @@ Policies, as NeMo/Megatron name them (``recompute_method`` with ``recompute_num_
   block    only the first ``num_layers`` layers (of the layers this rank runs) are checkpointed, one
            chunk each; the rest keep their activations
 
-Plug in with ``neva.llm.layers(..., **remat_kwargs(policy, ids))``.
+``layers(policy)`` wraps ``neva.llm.layers`` into a function of the same signature that runs the
+layers it is given in chunks, checkpointing the chunks the policy names; the model's trunk and each
+pipeline stage take it as their ``layers``.
 """
 from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Callable, Iterable
+from typing import Callable
 
 import torch
 from torch import Tensor
 
+from neva import llm
 from neva.params import flatten, unflatten
 
 METHODS = ("none", "uniform", "block")
@@ -89,11 +92,27 @@ def checkpoint(fn: Callable[[dict, Tensor], tuple], p: dict, x: Tensor) -> tuple
     return _Remat.apply(fn, tuple(flat), x, *flat.values())
 
 
-def remat_kwargs(pol: RematPolicy | None, ids: Iterable[int]) -> dict:
-    """Keyword arguments for ``neva.llm.layers`` that apply ``pol`` to the layers ``ids``."""
-    ids = list(ids)
-    if pol is None or pol.method == "none" or not ids:
-        return {}
+def chunks(pol: RematPolicy, ids: list[int]) -> list[tuple[list[int], bool]]:
+    """``ids`` cut into runs of consecutive layers, each with whether it is checkpointed."""
     if pol.method == "uniform":
-        return {"remat": checkpoint, "remat_ids": frozenset(ids), "remat_chunk": pol.num_layers}
-    return {"remat": checkpoint, "remat_ids": frozenset(ids[:pol.num_layers]), "remat_chunk": 1}
+        return [(ids[k:k + pol.num_layers], True) for k in range(0, len(ids), pol.num_layers)]
+    if pol.method == "block":
+        return [([i], True) for i in ids[:pol.num_layers]] + ([(ids[pol.num_layers:], False)] if ids[pol.num_layers:] else [])
+    return [(ids, False)] if ids else []
+
+
+def layers(pol: RematPolicy | None, run: llm.Layers = llm.layers) -> llm.Layers:
+    """``run`` (``neva.llm.layers``) with ``pol`` applied to whatever layers it is asked to run (a
+    pipeline stage: its own; ``block`` counts from the first of them)."""
+    if pol is None or pol.method == "none":
+        return run
+
+    def remat_layers(p: dict, x: Tensor, ctx, cfg, dist, ids, **kw) -> tuple[Tensor, Tensor, Tensor]:
+        aux = z = x.new_zeros((), dtype=torch.float32)
+        for chunk, ckpt in chunks(pol, list(ids)):
+            lp = {"layers": {str(i): p["layers"][str(i)] for i in chunk}}
+            fn = lambda pp, xx, chunk=chunk: run(pp, xx, ctx, cfg, dist, chunk, **kw)   # noqa: E731
+            x, a, zz = checkpoint(fn, lp, x) if ckpt else fn(lp, x)
+            aux, z = aux + a, z + zz
+        return x, aux, z
+    return remat_layers

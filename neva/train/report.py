@@ -1,13 +1,9 @@
-"""What an experiment shows its user: held-out evaluation by modality, the loss-curve PNG, a summary,
-and the small model-surgery step real-weight recipes need (an image token appended to the vocabulary).
-"""
+"""What an experiment shows its user: held-out evaluation by modality, the loss-curve PNG, a summary."""
 from __future__ import annotations
 
 import json
-from dataclasses import replace
 from pathlib import Path
 
-import torch
 
 from neva.config import ModelConfig
 from neva.params import count
@@ -20,24 +16,6 @@ def describe_model(cfg: ModelConfig, params: dict) -> str:
     return (f"{v.kind} {v.n_layers}x{v.dim} ({v.image_size}px / {v.patch_size}px patches = {cfg.tokens_per_image} "
             f"tokens) -> {cfg.projector.kind} -> {l.kind} {l.n_layers}x{l.dim}{moe}, vocab {l.vocab_size}; "
             f"{count(params) / 1e6:.2f}M parameters ({count(params['llm']['embed']) / 1e6:.2f}M in the embedding)")
-
-
-@torch.no_grad()
-def add_image_token(cfg: ModelConfig, params: dict, multiple: int = 64) -> tuple[ModelConfig, dict]:
-    """Append an ``<image>`` placeholder id to a pretrained vocabulary (rounded up to ``multiple`` rows;
-    new rows start at the mean embedding, as HF's resize does) so no text token is taken over."""
-    V = cfg.llm.vocab_size
-    newV = -(-(V + 1) // multiple) * multiple
-    llm = dict(params["llm"])
-
-    def grow(w: torch.Tensor) -> torch.Tensor:
-        return torch.cat([w, w.mean(0, keepdim=True).expand(newV - V, -1)], 0)
-
-    llm["embed"] = {"w": grow(llm["embed"]["w"])}
-    if "lm_head" in llm:
-        llm["lm_head"] = {"w": grow(llm["lm_head"]["w"])}
-    cfg = replace(cfg, llm=replace(cfg.llm, vocab_size=newV), image_token_id=V)
-    return cfg, dict(params, llm=llm)
 
 
 def eval_sets(exp, cfg: ModelConfig, tok) -> dict:
@@ -142,7 +120,7 @@ def plot(run_dir: str | Path) -> Path | None:
 
 
 def print_summary(m: dict, run_dir: str | Path) -> None:
-    print(f"\nheld-out exact-match accuracy (prior = always the most common training answer of the type):")
+    print("\nheld-out exact-match accuracy (prior = always the most common training answer of the type):")
     for kind in ("image", "video"):
         if kind not in m:
             continue

@@ -1,18 +1,15 @@
 """The training step: gradients over micro-batches, then one optimizer update.
 
-Two functions, kept apart so the pipeline schedule (pp > 1) can replace the first:
+  grads, stats = compute_grads(params, cfg, micro_batches, par, ...)   # forward + backward only
+  row = train_step(state, micro_batches, setup)                         # compute_grads + update
 
-  grads, stats = compute_grads(params, cfg, micro_batches, dist, ...)   # forward + backward only
-  stats = train_step(state, micro_batches, setup)                         # compute_grads + update
-
-Normalisation (what makes accumulation and data parallelism exact): the cross-entropy of every
-micro-batch is divided by the label-token count of the *whole step*, summed over the micro-batches
-and over the data-parallel group (``Dist.data``), so one step over 4 micro-batches equals one step
-over their concatenation, and dp ranks with uneven label counts average correctly. The MoE aux and
-z losses are per-token means already; they are averaged over micro-batches and dp ranks. Gradients
-are then summed over ``Dist.data`` in ``reduce_grads`` (the one all-reduce of the step); under a
-parallel plan (``StepSetup.par``) ``Parallel.sync`` does it per leaf (expert leaves over dp only,
-norms under SP over tp too) and pipelines (pp > 1) run ``neva.parallel.pipeline`` instead.
+Normalisation (what makes accumulation and data parallelism exact): every forward returns its
+``LossTerms`` (sums), weighed by the label count and micro-batch count of the *whole step*, summed
+over its micro-batches and the data-parallel ranks, so one step over 4 micro-batches equals one step
+over their concatenation, and data ranks with uneven label counts average correctly. Gradients are
+then summed over the ranks that share each leaf (``Parallel.sync``: the plan says which); pipelines
+(pp > 1) run ``neva.parallel.pipeline``'s schedule instead of the loop over micro-batches. One process
+is ``par=None``. The sharding-equivalence tests (``neva.testing``) drive exactly these functions.
 
 A step whose loss or gradient norm is not finite is skipped (params and optimizer state untouched)
 and counted; ``max_bad_steps`` in a row stop the run with ``NonFiniteLoss``. Under fp16 an overflow
@@ -28,15 +25,16 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from neva import model
+from neva import comm, model
+from neva.comm import LOCAL
 from neva.config import ModelConfig
-from neva.loss import IGNORE, shift_labels
+from neva.loss import LossTerms, label_count
 from neva.params import Tree, flatten, unflatten
-from neva.parallel import comm
-from neva.parallel.comm import LOCAL, Dist
+from neva.parallel import pipeline
 from neva.train import optim
+from neva.train import remat as remat_mod
 from neva.train.precision import LossScaler, Policy, autocast, policy as get_policy
-from neva.train.remat import RematPolicy, remat_kwargs
+from neva.train.remat import RematPolicy
 
 MODES = ("autograd", "func")
 
@@ -49,96 +47,57 @@ class NonFiniteLoss(RuntimeError):
         self.row = row
 
 
-def label_count(batch: dict) -> int:
-    """Tokens that the loss trains on: labels that some position predicts (after the shift)."""
-    return int((shift_labels(batch["labels"], batch.get("segment_ids")) != IGNORE).sum())
-
-
-def split_batch(batch: dict, n: int, cfg: ModelConfig) -> list[dict]:
-    """Split a batch of B rows into ``n`` micro-batches of B/n rows; ``pixel_values`` follow the
-    images each row holds (counted from its image tokens)."""
-    B = batch["input_ids"].shape[0]
-    if n < 1 or B % n:
-        raise ValueError(f"grad accumulation {n} does not divide the batch size {B}")
-    per = cfg.tokens_per_image
-    imgs = ((batch["input_ids"] == cfg.image_token_id).sum(1) // per).tolist()
-    out, start_img = [], 0
-    for i in range(n):
-        rows = slice(i * B // n, (i + 1) * B // n)
-        mb = {k: v[rows] for k, v in batch.items()
-              if isinstance(v, Tensor) and k != "pixel_values" and v.dim() and v.shape[0] == B}
-        k = sum(imgs[rows])
-        if batch.get("pixel_values") is not None:
-            mb["pixel_values"] = batch["pixel_values"][start_img:start_img + k]
-        start_img += k
-        out.append(mb)
-    return out
-
-
-def reduce_grads(grads: dict[str, Tensor], dist: Dist) -> dict[str, Tensor]:
-    """Sum gradients over the ranks that see different data (the step's only gradient collective).
-    Each rank's loss is already divided by the global label count, so a sum is the exact mean."""
-    if dist.data is None:
-        return grads
-    for g in grads.values():
-        comm.all_reduce_(g, dist.data, "sum")
-    return grads
-
-
-def compute_grads(params: Tree, cfg: ModelConfig, micro_batches: list[dict], dist: Dist = LOCAL, *,
+def compute_grads(params: Tree, cfg: ModelConfig, micro_batches: list[dict], par=None, *,
                   trainable: list[str], pol: Policy | None = None, mode: str = "autograd",
                   remat: RematPolicy | None = None, loss_scale: float = 1.0,
-                  prepare: Callable[[Tree], Tree] | None = None, par=None) -> tuple[dict[str, Tensor], dict]:
-    """Gradients (fp32, path -> tensor, summed over dp, multiplied by ``loss_scale``) of the step
-    loss over ``micro_batches`` with respect to the ``trainable`` leaves, and step statistics
-    {"loss", "ce", "aux", "z", "n_tokens"} (floats, identical on every rank).
+                  prepare: Callable[[Tree], Tree] | None = None) -> tuple[dict[str, Tensor], dict]:
+    """Gradients (fp32, path -> tensor, summed over the ranks sharing each leaf, multiplied by
+    ``loss_scale``) of the step loss over ``micro_batches`` with respect to the ``trainable``
+    leaves, and step statistics {"loss", "ce", "aux", "z", "n_tokens"} (identical on every rank).
 
-    ``prepare(params) -> params`` runs inside the differentiated function (e.g. LoRA merging).
-    ``mode``: "autograd" (torch.autograd.grad) or "func" (torch.func.grad); they agree.
-    ``par``: a ``neva.parallel.runtime.Parallel`` (params are then this rank's local leaves)."""
+    ``par``: a ``neva.parallel.runtime.Parallel`` (params are then this rank's local leaves and
+    ``micro_batches`` this data rank's); None for one process. ``prepare(params) -> params`` runs
+    inside the differentiated function (e.g. LoRA merging). ``mode``: "autograd"
+    (torch.autograd.grad) or "func" (torch.func.grad); they agree."""
     if mode not in MODES:
         raise ValueError(f"train.mode={mode!r}: use one of {MODES}")
     pol = pol or get_policy("fp32")
+    dist = LOCAL if par is None else par.dist
     flat = flatten(params)
     tr_set = set(trainable)
     frozen = {p: v for p, v in flat.items() if p not in tr_set}
-    n_local = sum(label_count(mb) for mb in micro_batches)
-    n_total = comm.all_reduce_nograd(torch.tensor(float(n_local)), dist.data, "sum")
+    n_local = torch.stack([label_count(mb) for mb in micro_batches]).sum().float()
+    n_total = comm.all_reduce_nograd(n_local, dist.data, "sum")
     if float(n_total) == 0:
         raise ValueError("this step's batches hold no label tokens (all labels are -100): check the "
                          "template's label mask")
-    share = 1.0 / (len(micro_batches) * dist.data_size)     # weight of one micro-batch's MoE losses
-    layer_kw = remat_kwargs(remat, range(cfg.llm.n_layers))
+    n_micro = len(micro_batches) * dist.data_size
+    layers = remat_mod.layers(remat)
+    math_attention = remat is None or remat.method == "none"   # see precision.autocast
 
-    def micro_loss(tr: dict[str, Tensor], mb: dict) -> tuple[Tensor, Tensor]:
+    if par is not None and par.layout.pp > 1:
+        grads, terms = pipeline.compute_grads(
+            params, cfg, micro_batches, par, trainable=trainable, n_total=float(n_total), n_micro=n_micro,
+            autocast=lambda: autocast(pol), layers=layers, loss_scale=loss_scale, prepare=prepare)
+        return _finish(grads, terms, cfg, par, n_micro)
+
+    def micro_loss(tr: dict[str, Tensor], mb: dict) -> tuple[Tensor, LossTerms]:
         p = unflatten({**frozen, **tr})
         if prepare is not None:
             p = prepare(p)
-        with autocast(pol, math_attention=not layer_kw):
-            t = model.loss_terms(p, cfg, mb, dist, **layer_kw)
-        ce = t["ce_sum"].float() / n_total
-        moe = model.combine({"ce_sum": ce.new_zeros(()), "n_tokens": 1, "aux": t["aux"], "z": t["z"]}, cfg)
-        loss = ce + moe * share
-        stats = torch.stack([ce.detach(), t["aux"].detach().float() * share, t["z"].detach().float() * share,
-                             loss.detach()])
-        return loss * loss_scale, stats
+        with autocast(pol, math_attention=math_attention):
+            t = model.loss_terms(p, cfg, mb, dist, layers=layers)
+        return t.total(cfg.llm, n_total, n_micro) * loss_scale, t.detach()
 
-    if par is not None and par.layout.pp > 1:
-        from neva.parallel import pipeline
-        grads, acc = pipeline.compute_grads(
-            params, cfg, micro_batches, dist, par.stage, trainable=trainable, n_total=float(n_total),
-            n_micro_total=len(micro_batches) * dist.data_size, schedule=par.schedule, autocast=lambda: autocast(pol),
-            layer_kw=layer_kw, loss_scale=loss_scale, prepare=prepare)
-        return _finish(grads, acc, cfg, dist, par, n_total)
     grads: dict[str, Tensor] = {}
-    acc = torch.zeros(4)
+    terms = LossTerms.zeros()
     for mb in micro_batches:
         if mode == "func":
-            g, st = torch.func.grad(micro_loss, has_aux=True)({p: flat[p] for p in trainable}, mb)
+            g, t = torch.func.grad(micro_loss, has_aux=True)({p: flat[p] for p in trainable}, mb)
         else:
             tr = {p: flat[p].detach().requires_grad_() for p in trainable}
             with torch.enable_grad():
-                loss, st = micro_loss(tr, mb)
+                loss, t = micro_loss(tr, mb)
             gl = torch.autograd.grad(loss, list(tr.values()), allow_unused=True)
             g = dict(zip(tr, gl))
         for p, gp in g.items():
@@ -148,31 +107,20 @@ def compute_grads(params: Tree, cfg: ModelConfig, micro_batches: list[dict], dis
                 grads[p].add_(gp.float())
             else:                        # the first micro-batch's gradient is the accumulator (no zero-fill)
                 grads[p] = gp.float() if gp.dtype != torch.float32 else gp
-        acc += st.float()
+        terms = terms + t
     for p in trainable:                  # leaves the loss does not reach (e.g. unused layers) get zeros
         if p not in grads:
             grads[p] = torch.zeros_like(flat[p], dtype=torch.float32)
-    grads = {p: grads[p] for p in trainable}
-    return _finish(grads, acc, cfg, dist, par, n_total)
+    return _finish({p: grads[p] for p in trainable}, terms, cfg, par, n_micro)
 
 
-def _finish(grads: dict[str, Tensor], acc: Tensor, cfg: ModelConfig, dist: Dist, par, n_total) -> tuple[dict, dict]:
-    """Synchronise gradients and sum the statistics [ce, aux, z, loss] over the ranks holding parts."""
+def _finish(grads: dict[str, Tensor], terms: LossTerms, cfg: ModelConfig, par, n_micro: int) -> tuple[dict, dict]:
+    """Sum gradients over the ranks that share each leaf, and the LossTerms over the ranks that hold
+    parts of the step."""
     if par is not None:
         par.sync(grads)
-    else:
-        reduce_grads(grads, dist)
-    acc = comm.all_reduce_nograd(acc, dist.pp, "sum")        # each stage holds its layers' share
-    if dist.sp:                                              # MoE statistics: each rank its tokens' share
-        acc = torch.cat([acc[:1], comm.all_reduce_nograd(acc[1:3], dist.tp, "sum"), acc[3:]])
-    acc = comm.all_reduce_nograd(acc, dist.data, "sum")
-    ce, aux, z, loss = acc.tolist()
-    if cfg.llm.n_experts:
-        L = model.n_moe_layers(cfg)
-        # the step's loss from its parts (under SP no rank holds the whole MoE share); per-layer means
-        loss = ce + (cfg.llm.aux_loss_coef * aux + cfg.llm.z_loss_coef * z) / L
-        aux, z = aux / L, z / L
-    return grads, {"loss": loss, "ce": ce, "aux": aux, "z": z, "n_tokens": int(n_total)}
+    terms = terms.reduce(LOCAL if par is None else par.dist)
+    return grads, {**terms.means(cfg.llm, n_micro), "n_tokens": int(terms.n_tokens)}
 
 
 # ------------------------------------------------------------------------------ the whole step
@@ -183,12 +131,11 @@ class StepSetup:
     cfg: ModelConfig
     opt: optim.AdamW
     precision: str = "fp32"
-    dist: Dist = LOCAL
     mode: str = "autograd"
     remat: RematPolicy | None = None
     max_bad_steps: int = 5
     prepare: Callable[[Tree], Tree] | None = None
-    par: object = None                # neva.parallel.runtime.Parallel when running under a plan
+    par: object = None                # neva.parallel.runtime.Parallel under a plan; None: one process
 
     @property
     def pol(self) -> Policy:
@@ -230,9 +177,9 @@ def train_step(state: TrainState, micro_batches: list[dict], setup: StepSetup) -
     ``step`` counts updates applied including this one."""
     t0 = time.perf_counter()
     scale = state.scaler.scale if state.scaler else 1.0
-    grads, st = compute_grads(state.params, setup.cfg, micro_batches, setup.dist, trainable=state.trainable,
+    grads, st = compute_grads(state.params, setup.cfg, micro_batches, setup.par, trainable=state.trainable,
                               pol=setup.pol, mode=setup.mode, remat=setup.remat, loss_scale=scale,
-                              prepare=setup.prepare, par=setup.par)
+                              prepare=setup.prepare)
     if scale != 1.0:
         for g in grads.values():
             g.div_(scale)

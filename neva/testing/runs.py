@@ -9,61 +9,61 @@ from __future__ import annotations
 
 import torch
 
+from neva import hf, model
+from neva.batch import split
 from neva.config import ModelConfig
 from neva.params import flatten, unflatten
 from neva.parallel.plan import Layout
-from neva.parallel.testing import split_batch
+from neva.testing.checks import data_shard
+from neva.testing.worlds import parallel
+from neva.train import checkpoint as ckpt
+from neva.train import lora as lora_mod
+from neva.train import optim
+from neva.train.step import StepSetup, init_state, train_step
+
+
+def _copy(tree: dict) -> dict:
+    return unflatten({p: v.clone() for p, v in flatten(tree).items()})    # the state updates in place
 
 
 def train_losses(rank: int | None, layout: Layout | None, cfg: ModelConfig, params: dict, batches: list[dict],
                  grad_accum: int = 1, lr: float = 1e-3, clip: float = 1.0, precision: str = "fp32",
-                 lora: str = "", zero1: bool = False) -> dict:
+                 lora: str = "", zero1: bool = False) -> dict | None:
     """Train on ``batches`` (global batches) with the real training step, under ``layout`` in a pool
     job (``rank`` given) or in one process (``rank=None``: the reference, which accumulates over
     data ranks x ``grad_accum`` micro-batches so both see the same split). -> on rank 0 / the
     reference {"losses": [...], "grad_norms": [...], "params": final full tree}; None elsewhere.
-    ``lora``: a LoRA preset (the base frozen, LoRA leaves trained and merged in the forward).
-    ``zero1``: optimizer state split over dp; every rank then returns {"opt_leaves": the leaves whose
-    state it keeps, "opt_numel": their scalars in m and v}."""
-    from neva.train import lora as lora_mod
-    from neva.train import optim
-    from neva.train.step import StepSetup, init_state, split_batch as micro_split, train_step
-    from neva.parallel import runtime
-
+    ``lora``: a LoRA preset (the base frozen, LoRA leaves trained and merged in the forward; their
+    specs go to the plan). ``zero1``: optimizer state split over dp; every rank then returns
+    {"opt_leaves": the leaves whose state it keeps, "opt_numel": their scalars in m, v and masters}."""
     opt = optim.AdamW(lr=lr, weight_decay=0.01, clip=clip, warmup=0, total=len(batches),
                       groups=lora_mod.groups() if lora else ())
-    prepare = None
+    prepare, specs = None, None
     if lora:
         lc = lora_mod.LoraConfig(lora, rank=4, alpha=8.0)
         params = lora_mod.add(params, lc)
         params = unflatten({p: (v + 0.01 if p.endswith("_lora_b") else v) for p, v in flatten(params).items()})
         prepare = lambda p: lora_mod.materialize(p, lc.scale)  # noqa: E731
+        specs = lora_mod.specs(model.specs(cfg), lc)
     if rank is None:
         n = layout.dp * layout.ep * grad_accum if layout else grad_accum
         setup = StepSetup(cfg, opt, precision=precision, prepare=prepare)
-        state = init_state(unflatten({p: v.clone() for p, v in flatten(params).items()}), setup)  # it updates in place
-        rows = [train_step(state, micro_split(b, n, cfg), setup) for b in batches]
+        state = init_state(_copy(params), setup)
+        rows = [train_step(state, split(b, cfg, n), setup) for b in batches]
         full = state.params
     else:
-        par = runtime.setup(cfg, tp=layout.tp, pp=layout.pp, ep=layout.ep, sp=layout.sp, zero1=zero1)
-        assert par.layout == layout, (par.layout, layout)
-        setup = StepSetup(cfg, opt, precision=precision, dist=par.dist, par=par, prepare=prepare)
-        state = init_state(unflatten({p: v.clone() for p, v in flatten(par.shard(params)).items()}), setup)
-        d = par.dist
-        rows = [train_step(state, micro_split(split_batch(b, cfg, d.data_size, _data_index(layout, rank)),
-                                              grad_accum, cfg), setup) for b in batches]
+        par = parallel(cfg, layout, specs=specs, zero1=zero1)
+        setup = StepSetup(cfg, opt, precision=precision, prepare=prepare, par=par)
+        state = init_state(_copy(par.shard(params)), setup)
+        rows = [train_step(state, split(data_shard(par, cfg, b), cfg, grad_accum), setup) for b in batches]
         full = par.gather(state.params)
-    opt = {"opt_leaves": sorted(state.opt_state["m"]),
-           "opt_numel": sum(t.numel() for part in ("m", "v", "master") for t in state.opt_state.get(part, {}).values())
-           } if zero1 else {}
+    opt_info = {"opt_leaves": sorted(state.opt_state["m"]),
+                "opt_numel": sum(t.numel() for part in ("m", "v", "master") for t in state.opt_state.get(part, {}).values())
+                } if zero1 else {}
     if rank not in (None, 0):
-        return opt or None
-    return {"losses": [r["loss"] for r in rows], "grad_norms": [r["grad_norm"] for r in rows], "params": full, **opt}
-
-
-def _data_index(layout: Layout, rank: int) -> int:
-    c = layout.coords(rank)
-    return c["dp"] * layout.ep + c["ep"]
+        return opt_info or None
+    return {"losses": [r["loss"] for r in rows], "grad_norms": [r["grad_norm"] for r in rows], "params": full,
+            **opt_info}
 
 
 def train_segment(rank: int | None, layout: Layout | None, cfg: ModelConfig, params: dict, batches: list[dict],
@@ -73,29 +73,18 @@ def train_segment(rank: int | None, layout: Layout | None, cfg: ModelConfig, par
     split first over data ranks), resuming from the newest checkpoint in ``ckpt_dir`` when
     ``start > 0`` and saving one at ``stop``. ``rank=None``: one process, no process group.
     -> the per-step losses (on rank 0 / in one process)."""
-    from neva.parallel import runtime
-    from neva.train import checkpoint as ckpt
-    from neva.train import optim
-    from neva.train.step import StepSetup, init_state, split_batch as micro_split, train_step
-
     opt = optim.AdamW(lr=lr, weight_decay=0.01, clip=1.0, warmup=0, total=len(batches))
-    if rank is None:
-        par, setup = None, StepSetup(cfg, opt)
-    else:
-        par = runtime.setup(cfg, tp=layout.tp, pp=layout.pp, ep=layout.ep, sp=layout.sp, zero1=zero1)
-        setup = StepSetup(cfg, opt, dist=par.dist, par=par)
-    local = params if par is None else par.shard(params)
-    state = init_state(unflatten({p: v.clone() for p, v in flatten(local).items()}), setup)
+    par = None if rank is None else parallel(cfg, layout, zero1=zero1)
+    setup = StepSetup(cfg, opt, par=par)
+    state = init_state(_copy(params if par is None else par.shard(params)), setup)
     if start:
-        path = ckpt.latest(ckpt_dir)
-        meta = ckpt.load(path, state, par=par)
+        meta = ckpt.load(ckpt.latest(ckpt_dir), state, par=par)
         assert int(meta["step"]) == start, (meta["step"], start)
     n_data = 1 if par is None else par.dist.data_size
-    d = 0 if par is None else par.dist.data_rank
     losses = []
     for i in range(start, stop):
-        mine = split_batch(batches[i], cfg, n_data, d)
-        losses.append(train_step(state, micro_split(mine, n_micro // n_data, cfg), setup)["loss"])
+        mine = batches[i] if par is None else data_shard(par, cfg, batches[i])
+        losses.append(train_step(state, split(mine, cfg, n_micro // n_data), setup)["loss"])
     ckpt.save(ckpt_dir, stop, state, par=par)
     return losses if rank in (None, 0) else None
 
@@ -103,10 +92,8 @@ def train_segment(rank: int | None, layout: Layout | None, cfg: ModelConfig, par
 def hf_sliced_load(rank: int, layout: Layout, folder: str) -> dict:
     """A pool job: load an HF LLaVA folder reading only this rank's slices; -> per leaf whether the
     local tensor equals the plan's shard of the full load, and how many scalars were read."""
-    from neva import hf
-    from neva.parallel import runtime
     cfg, full = hf.load(folder)
-    par = runtime.setup(cfg, tp=layout.tp, pp=layout.pp, ep=layout.ep, sp=layout.sp)
+    par = parallel(cfg, layout)
     _, read = hf.load(folder, shard=par.hf_slices)
     read_scalars = sum(t.numel() for t in flatten(read).values())
     local = flatten(par.localize(read))

@@ -28,11 +28,12 @@ Group = Any  # a torch.distributed ProcessGroup, or None for "not sharded"
 
 @dataclass(frozen=True)
 class Dist:
-    """Who this rank is on each mesh axis. A size-1 axis has group None (no communication).
+    """Who this rank is on each mesh axis: what every model function takes. A size-1 axis has group
+    None (no communication). The parallel plan fills it (``neva.parallel``); ``LOCAL`` is one process.
 
-    ``sp``: sequence parallel over the tp group (activations outside TP regions are split along T).
-    ``replicate``: top-level parts (e.g. "vision") that the plan keeps whole on every tp rank; they
-    run with tp off (see ``part``).
+    ``sp``: sequence parallel over the tp group, for the parts named in ``sp_parts`` (their
+    activations outside TP regions are split along T). ``replicate``: parts the plan keeps whole on
+    every tp rank; they run with tp off. ``part(name)`` gives the Dist a top-level part runs with.
     """
 
     tp: Group = None
@@ -48,6 +49,7 @@ class Dist:
     pp_size: int = 1
     pp_rank: int = 0
     sp: bool = False
+    sp_parts: frozenset = field(default_factory=frozenset)
     replicate: frozenset = field(default_factory=frozenset)
     # dp x ep: the ranks that see different data and share every non-expert parameter
     data: Group = None
@@ -56,9 +58,10 @@ class Dist:
     mesh: Any = None          # the (pp, dp, ep, tp) DeviceMesh, for checkpoints (DTensor boundary)
 
     def part(self, name: str) -> "Dist":
-        """The Dist a top-level part runs with: no SP outside the LLM; no TP if the plan replicates it."""
-        d = self if name == "llm" else replace(self, sp=False)
-        return replace(d, tp=None, tp_size=1, tp_rank=0) if name in self.replicate else d
+        """The Dist the top-level part ``name`` runs with: SP only if the plan runs it sequence
+        parallel, no TP if the plan replicates it."""
+        d = self if (not self.sp or name in self.sp_parts) else replace(self, sp=False)
+        return replace(d, tp=None, tp_size=1, tp_rank=0, sp=False) if name in self.replicate else d
 
 
 LOCAL = Dist()

@@ -1,0 +1,191 @@
+"""Configs as code, changed from the command line: dotted ``key=value`` overrides for any tree of
+frozen dataclasses, JSON save and load, and the ``--help`` listing. Knows nothing of neva's sections.
+
+    cfg = override(base, ["train.steps=200", "model.vision.select_layer=-1", "model.llm.sliding_window=none"])
+    save(cfg, "runs/x/config.json"); assert load("runs/x/config.json", type(cfg)) == cfg
+
+Values are parsed by the field's type (int, float, bool, str, None, tuples as ``a,b``); an unknown key
+is an error naming the closest one. A field typed ``Any`` may hold any dataclass: ``save`` records its
+class so ``load`` rebuilds it.
+"""
+from __future__ import annotations
+
+import difflib
+import importlib
+import json
+import types
+import typing
+from dataclasses import fields, is_dataclass, replace
+from pathlib import Path
+from typing import Any
+
+CLASS_KEY = "_class"
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def _hints(cls) -> dict:
+    return typing.get_type_hints(cls)
+
+
+def keys(cfg: Any, prefix: str = "") -> list[str]:
+    """Every dotted key of a config (nested dataclasses expanded)."""
+    out = []
+    for f in fields(cfg):
+        v = getattr(cfg, f.name)
+        k = f"{prefix}{f.name}"
+        out.append(k)
+        if is_dataclass(v):
+            out += keys(v, k + ".")
+    return out
+
+
+def parse_value(text: str, tp: Any, key: str) -> Any:
+    """``text`` as a value of type ``tp`` (``key`` names it in errors)."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if text.lower() in ("none", "null") and type(None) in args:
+            return None
+        errs = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return parse_value(text, a, key)
+            except ConfigError as e:
+                errs.append(str(e))
+        raise ConfigError(errs[0] if errs else f"{key}={text!r}: cannot parse")
+    if tp is Any:
+        return text
+    if tp is bool:
+        low = text.lower()
+        if low in ("true", "1", "yes", "on"):
+            return True
+        if low in ("false", "0", "no", "off"):
+            return False
+        raise ConfigError(f"{key}={text!r}: expected a bool (true/false)")
+    if tp in (int, float):
+        try:
+            return tp(text)
+        except ValueError:
+            raise ConfigError(f"{key}={text!r}: expected {'an integer' if tp is int else 'a number'}") from None
+    if tp is str:
+        return text
+    if origin is tuple:
+        parts = [p for p in text.split(",") if p != ""]
+        if args and args[-1] is not Ellipsis:
+            if len(parts) != len(args):
+                raise ConfigError(f"{key}={text!r}: expected {len(args)} comma-separated values")
+            return tuple(parse_value(p, a, key) for p, a in zip(parts, args))
+        if not args or is_dataclass(args[0]):
+            raise ConfigError(f"{key} holds structured values: set it in the experiment file")
+        return tuple(parse_value(p, args[0], key) for p in parts)
+    if is_dataclass(tp):
+        raise ConfigError(f"{key} is a section: set its fields, e.g. {key}.{fields(tp)[0].name}=...")
+    raise ConfigError(f"{key}: cannot parse values of type {tp}")
+
+
+def _set(cfg: Any, path: list[str], text: str, full: str, root: Any) -> Any:
+    name = path[0]
+    if name not in {f.name for f in fields(cfg)}:
+        near = difflib.get_close_matches(full, keys(root), n=1, cutoff=0.5)
+        hint = f"; did you mean {near[0]!r}?" if near else ""
+        raise ConfigError(f"unknown config key {full!r}{hint} (run with --help to list every key)")
+    tp = _hints(type(cfg))[name]
+    cur = getattr(cfg, name)
+    if len(path) == 1:
+        return replace(cfg, **{name: parse_value(text, tp, full)})
+    if cur is None:                       # an optional section: start from its defaults
+        sub = [a for a in typing.get_args(tp) if is_dataclass(a)]
+        if not sub:
+            raise ConfigError(f"{'.'.join(full.split('.')[:-len(path) + 1])} is not a section")
+        cur = sub[0]()
+    if not is_dataclass(cur):
+        raise ConfigError(f"{full}: {name} is a value, not a section")
+    return replace(cfg, **{name: _set(cur, path[1:], text, full, root)})
+
+
+def override(cfg: Any, args: list[str]) -> Any:
+    """Apply ``key=value`` overrides (dotted keys) to a frozen dataclass config."""
+    for a in args:
+        if "=" not in a:
+            raise ConfigError(f"override {a!r} is not key=value (e.g. train.steps=200)")
+        k, v = a.split("=", 1)
+        cfg = _set(cfg, k.strip().split("."), v.strip(), k.strip(), cfg)
+    return cfg
+
+
+# ------------------------------------------------------------------------------ save / load
+def to_dict(cfg: Any) -> dict:
+    """A JSON-able dict; dataclasses held by ``Any`` fields carry their class under ``_class``."""
+    hints = _hints(type(cfg))
+    out = {}
+    for f in fields(cfg):
+        v = getattr(cfg, f.name)
+        if is_dataclass(v):
+            out[f.name] = to_dict(v)
+            if hints[f.name] is Any:
+                out[f.name][CLASS_KEY] = f"{type(v).__module__}.{type(v).__qualname__}"
+        else:
+            out[f.name] = _plain(v)
+    return out
+
+
+def _plain(v: Any) -> Any:
+    if isinstance(v, tuple):
+        return [to_dict(x) if is_dataclass(x) else _plain(x) for x in v]
+    return v
+
+
+def from_dict(cls: type, d: dict) -> Any:
+    """Rebuild a dataclass from ``to_dict`` output (nested dataclasses and tuples restored)."""
+    hints = _hints(cls)
+    return cls(**{f.name: _restore(hints[f.name], d[f.name]) for f in fields(cls) if f.name in d})
+
+
+def _restore(tp: Any, v: Any) -> Any:
+    if v is None:
+        return None
+    if isinstance(v, dict) and CLASS_KEY in v:
+        mod, _, name = v[CLASS_KEY].rpartition(".")
+        return from_dict(getattr(importlib.import_module(mod), name), {k: x for k, x in v.items() if k != CLASS_KEY})
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        for a in args:
+            if a is not type(None):
+                try:
+                    return _restore(a, v)
+                except (TypeError, ValueError):
+                    continue
+        return v
+    if is_dataclass(tp) and isinstance(v, dict):
+        return from_dict(tp, v)
+    if origin is tuple or tp is tuple:
+        a0 = args[0] if args else None
+        return tuple(from_dict(a0, x) if a0 is not None and is_dataclass(a0) else x for x in v)
+    return v
+
+
+def save(cfg: Any, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(to_dict(cfg), indent=1, default=str))
+    return path
+
+
+def load(path: str | Path, cls: type) -> Any:
+    return from_dict(cls, json.loads(Path(path).read_text()))
+
+
+def describe(cfg: Any, prefix: str = "") -> str:
+    """Every key with its current value, one per line."""
+    lines = []
+    for f in fields(cfg):
+        v = getattr(cfg, f.name)
+        if is_dataclass(v):
+            lines.append(describe(v, f"{prefix}{f.name}."))
+        else:
+            lines.append(f"  {prefix}{f.name}={v!r}")
+    return "\n".join(lines)
