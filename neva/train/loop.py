@@ -20,15 +20,14 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import torch
 import torch.distributed as tdist
-
-from dataclasses import replace
 
 from neva import overrides
 from neva.batch import split as split_batch
@@ -47,7 +46,6 @@ def pick_threads(requested: int = 0) -> int:
     """Set torch's intra-op threads. 0 = time a small matmul with 1 thread and with every core and
     keep the faster: on a CPU shared with other work, threads that wait on each other at every op
     barrier can make a step ten times slower than one thread."""
-    import os
     if requested > 0:
         torch.set_num_threads(requested)
         return requested
@@ -230,20 +228,20 @@ def train(exp: Experiment, params: Tree, batches: Iterator[dict], *, par=None, s
     if is_main():
         overrides.save(exp, run_dir / "config.json")   # after the checkpoint was checked against it
     metrics = Metrics(run_dir, stage.offset + start, exp.run.tensorboard, is_main())
-    result = Result(state, setup, resumed_from=resumed)
-    saver = _Saver(exp, state, batches, ck_dir, setup, frozen, stage.tag, last=start if resumed else -1)
+    r = _Run(exp, stage, state, setup, batches, ck_dir, frozen, metrics, Result(state, setup, resumed_from=resumed),
+             last_saved=start if resumed else -1)
     bar = _progress(exp, start, stage.steps, stage.desc, is_main())
     try:
-        _steps(exp, state, iter(batches), setup, stage, start, metrics, result, saver, bar, eval_fn)
+        r.steps(start, bar, eval_fn)
     except (NonFiniteLoss, KeyboardInterrupt):
-        if saver.save(result.step) and is_main():
-            print(f"saved the last good state at step {result.step} to {ck_dir}; resume with train.resume=auto")
+        if r.save(r.result.step) and is_main():
+            print(f"saved the last good state at step {r.result.step} to {ck_dir}; resume with train.resume=auto")
         raise
     finally:
         if bar is not None:
             bar.close()
         metrics.close()
-    return result
+    return r.result
 
 
 def _resume(exp: Experiment, state: TrainState, batches, ck_dir: Path, setup: StepSetup,
@@ -262,59 +260,62 @@ def _resume(exp: Experiment, state: TrainState, batches, ck_dir: Path, setup: St
 
 
 @dataclass
-class _Saver:
-    """Writes the stage's checkpoints (with the sampler position), each step at most once."""
+class _Run:
+    """One stage in progress: its steps, and its checkpoints (with the sampler position)."""
 
     exp: Experiment
+    stage: Stage
     state: TrainState
+    setup: StepSetup
     batches: Any
     ck_dir: Path
-    setup: StepSetup
     frozen: dict | None
-    tag: str
-    last: int = -1
+    metrics: "Metrics"
+    result: Result
+    last_saved: int = -1
 
     def save(self, step: int) -> bool:
-        if step == self.last:
+        """Checkpoint ``step`` unless it is saved already."""
+        if step == self.last_saved:
             return False
         sampler = self.batches.state_dict() if hasattr(self.batches, "state_dict") else None
-        ckpt.save(self.ck_dir, step, self.state, {"sampler": sampler, "tag": self.tag},
+        ckpt.save(self.ck_dir, step, self.state, {"sampler": sampler, "tag": self.stage.tag},
                   keep_last=self.exp.checkpoint.keep_last, par=self.setup.par, frozen=self.frozen)
-        self.last = step
+        self.last_saved = step
         return True
 
-
-def _steps(exp: Experiment, state: TrainState, it: Iterator[dict], setup: StepSetup, stage: Stage, step: int,
-           metrics: "Metrics", result: "Result", saver: _Saver, bar, eval_fn) -> None:
-    """The steps of a stage from ``step`` on: one optimizer step per batch, a metrics row each,
-    evaluation and checkpoints at their intervals, a checkpoint at the end."""
-    n_data = setup.par.dist.data_size if setup.par is not None else 1   # every data rank reads as many tokens
-    result.step = step
-    while step < stage.steps:
-        t0 = time.perf_counter()
-        batch = next(it)
-        t_data = time.perf_counter() - t0
-        try:
-            row = train_step(state, split_batch(batch, setup.cfg, exp.train.grad_accum), setup)
-        except NonFiniteLoss as e:           # the step is consumed (and logged) like any skipped one
-            result.step = step = step + 1
-            metrics.write(_finish_row(e.row, step + stage.offset, n_tokens_in(batch) * n_data, t_data, stage.tag))
-            raise
-        result.step = step = step + 1
-        if eval_fn is not None and exp.eval.every and step % exp.eval.every == 0 and step < stage.steps:
-            row.update(eval_fn(plain_params(exp, state), step))
-        row = _finish_row(row, step + stage.offset, n_tokens_in(batch) * n_data, t_data, stage.tag)
-        if step % exp.train.log_every == 0 or step == stage.steps:
-            metrics.write(row)
-        result.rows.append(row)
-        if bar is not None:
-            bar.update(1)
-            bar.set_postfix(loss=f"{row['loss']:.3f}", refresh=False)
-        if exp.run.threads == 0 and step % 50 == 0:
-            pick_threads(0)                  # other work on the CPU comes and goes: re-check
-        if exp.checkpoint.every and step % exp.checkpoint.every == 0 and step < stage.steps:
-            saver.save(step)
-    saver.save(step)
+    def steps(self, step: int, bar, eval_fn) -> None:
+        """From ``step`` to the stage's end: one optimizer step per batch, a metrics row each,
+        evaluation and checkpoints at their intervals, a checkpoint at the end."""
+        exp, st, setup = self.exp, self.stage, self.setup
+        n_data = setup.par.dist.data_size if setup.par is not None else 1   # every data rank reads as many
+        it = iter(self.batches)
+        self.result.step = step
+        while step < st.steps:
+            t0 = time.perf_counter()
+            batch = next(it)
+            t_data = time.perf_counter() - t0
+            try:
+                row = train_step(self.state, split_batch(batch, setup.cfg, exp.train.grad_accum), setup)
+            except NonFiniteLoss as e:       # the step is consumed (and logged) like any skipped one
+                self.result.step = step = step + 1
+                self.metrics.write(_finish_row(e.row, step + st.offset, n_tokens_in(batch) * n_data, t_data, st.tag))
+                raise
+            self.result.step = step = step + 1
+            if eval_fn is not None and exp.eval.every and step % exp.eval.every == 0 and step < st.steps:
+                row.update(eval_fn(plain_params(exp, self.state), step))
+            row = _finish_row(row, step + st.offset, n_tokens_in(batch) * n_data, t_data, st.tag)
+            if step % exp.train.log_every == 0 or step == st.steps:
+                self.metrics.write(row)
+            self.result.rows.append(row)
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{row['loss']:.3f}", refresh=False)
+            if exp.run.threads == 0 and step % 50 == 0:
+                pick_threads(0)              # other work on the CPU comes and goes: re-check
+            if exp.checkpoint.every and step % exp.checkpoint.every == 0 and step < st.steps:
+                self.save(step)
+        self.save(step)
 
 
 def n_tokens_in(batch: dict) -> int:
