@@ -150,61 +150,39 @@ def _bdim_first(x: Tensor, bdim: int | None, dim: int) -> tuple[Tensor, int]:
     return x, (dim + 1 if dim >= 0 else dim)
 
 
-class _GatherSeq(torch.autograd.Function):
-    @staticmethod
-    def forward(x, dim, group, rank):
-        return _all_gather(x, dim, group)
+def _seq_function(name: str, fwd, bwd) -> type:
+    """An autograd Function moving activations along a sequence dim: ``fwd(x, dim, group, rank)`` in
+    the forward, ``bwd(g, dim, group, rank)`` in the backward; its vmap rule moves the vmapped dim first."""
 
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        ctx.dim, ctx.group, ctx.rank = inputs[1], inputs[2], inputs[3]
+    class Fn(torch.autograd.Function):
+        @staticmethod
+        def forward(x, dim, group, rank):
+            return fwd(x, dim, group, rank)
 
-    @staticmethod
-    def backward(ctx, g):
-        return _reduce_scatter(g, ctx.dim, ctx.group, ctx.rank), None, None, None
+        @staticmethod
+        def setup_context(ctx, inputs, output):
+            ctx.dim, ctx.group, ctx.rank = inputs[1], inputs[2], inputs[3]
 
-    @staticmethod
-    def vmap(info, in_dims, x, dim, group, rank):
-        x, d = _bdim_first(x, in_dims[0], dim)
-        return _GatherSeq.apply(x, d, group, rank), (None if in_dims[0] is None else 0)
+        @staticmethod
+        def backward(ctx, g):
+            return bwd(g, ctx.dim, ctx.group, ctx.rank), None, None, None
 
+        @staticmethod
+        def vmap(info, in_dims, x, dim, group, rank):
+            x, d = _bdim_first(x, in_dims[0], dim)
+            return Fn.apply(x, d, group, rank), (None if in_dims[0] is None else 0)
 
-class _ReduceScatterSeq(torch.autograd.Function):
-    @staticmethod
-    def forward(x, dim, group, rank):
-        return _reduce_scatter(x, dim, group, rank)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        ctx.dim, ctx.group = inputs[1], inputs[2]
-
-    @staticmethod
-    def backward(ctx, g):
-        return _all_gather(g, ctx.dim, ctx.group), None, None, None
-
-    @staticmethod
-    def vmap(info, in_dims, x, dim, group, rank):
-        x, d = _bdim_first(x, in_dims[0], dim)
-        return _ReduceScatterSeq.apply(x, d, group, rank), (None if in_dims[0] is None else 0)
+    Fn.__name__ = Fn.__qualname__ = name
+    return Fn
 
 
-class _ScatterSeq(torch.autograd.Function):
-    @staticmethod
-    def forward(x, dim, group, rank):
-        return _split(x, dim, group, rank)
+def _gather(x: Tensor, dim: int, group: Group, rank) -> Tensor:
+    return _all_gather(x, dim, group)
 
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        ctx.dim, ctx.group = inputs[1], inputs[2]
 
-    @staticmethod
-    def backward(ctx, g):
-        return _all_gather(g, ctx.dim, ctx.group), None, None, None
-
-    @staticmethod
-    def vmap(info, in_dims, x, dim, group, rank):
-        x, d = _bdim_first(x, in_dims[0], dim)
-        return _ScatterSeq.apply(x, d, group, rank), (None if in_dims[0] is None else 0)
+_GatherSeq = _seq_function("_GatherSeq", _gather, _reduce_scatter)
+_ReduceScatterSeq = _seq_function("_ReduceScatterSeq", _reduce_scatter, _gather)
+_ScatterSeq = _seq_function("_ScatterSeq", _split, _gather)
 
 
 def _all_to_all_rows(x: Tensor, send: tuple, recv: tuple, group: Group) -> Tensor:

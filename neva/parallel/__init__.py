@@ -1,1 +1,2 @@
-"""The parallel plan: mesh, collectives, placement rules, pipeline schedules."""
+"""Above the model: the plan (placements, stages, gradient sums), the mesh, a rank's runtime state, the
+pipeline schedule. The collectives the model calls live below it, in ``neva/comm.py``."""
