@@ -119,7 +119,7 @@ def _finish(grads: dict[str, Tensor], terms: LossTerms, cfg: ModelConfig, par, n
     parts of the step."""
     if par is not None:
         par.sync(grads)
-    terms = terms.reduce(LOCAL if par is None else par.dist)
+    terms = terms.reduce(LOCAL if par is None else par.dist.part("llm"))   # the MoE terms are the LLM's
     return grads, {**terms.means(cfg.llm, n_micro), "n_tokens": int(terms.n_tokens)}
 
 
