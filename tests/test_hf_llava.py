@@ -16,7 +16,7 @@ from neva.params import flatten
 
 transformers = pytest.importorskip("transformers")
 transformers.logging.set_verbosity_error()
-TOL = 1e-4
+TOL = 1e-6      # observed: 0.0, and 4e-7 for Mixtral (expert sums in another order)
 VOCAB = 320
 VISION = dict(hidden_size=48, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4, image_size=32,
               patch_size=8)
