@@ -110,11 +110,12 @@ def fp16_overflow(rank: int, layout: Layout, cfg: ModelConfig, params: dict, bat
 
 def train_segment(rank: int | None, layout: Layout | None, cfg: ModelConfig, params: dict, batches: list[dict],
                   start: int, stop: int, ckpt_dir: str, n_micro: int = 2, lr: float = 1e-3,
-                  zero1: bool = False) -> list[float] | None:
+                  zero1: bool = False, with_params: bool = False):
     """Steps ``start..stop`` of a run over ``batches`` (``n_micro`` micro-batches per step in all,
     split first over data ranks), resuming from the newest checkpoint in ``ckpt_dir`` when
     ``start > 0`` and saving one at ``stop``. ``rank=None``: one process, no process group.
-    -> the per-step losses (on rank 0 / in one process)."""
+    -> the per-step losses (on rank 0 / in one process); with ``with_params``, (losses, the full
+    params as the run holds them at ``stop``, gathered from every rank)."""
     opt = optim.AdamW(lr=lr, weight_decay=0.01, clip=1.0, warmup=0, total=len(batches))
     par = None if rank is None else parallel(cfg, layout, zero1=zero1)
     setup = StepSetup(cfg, opt, par=par)
@@ -128,7 +129,10 @@ def train_segment(rank: int | None, layout: Layout | None, cfg: ModelConfig, par
         mine = batches[i] if par is None else data_shard(par, cfg, batches[i])
         losses.append(train_step(state, split(mine, cfg, n_micro // n_data), setup)["loss"])
     ckpt.save(ckpt_dir, stop, state, par=par)
-    return losses if rank in (None, 0) else None
+    full = (state.params if par is None else par.gather(state.params)) if with_params else None
+    if rank not in (None, 0):
+        return None
+    return (losses, full) if with_params else losses
 
 
 def hf_sliced_load(rank: int, layout: Layout, folder: str) -> dict:
