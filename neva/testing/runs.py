@@ -1,9 +1,11 @@
 """Whole training runs for pool jobs and their single-process references: the real training step
-(AdamW, clipping, accumulation, precision, LoRA, ZeRO-1) under a layout, checkpointed segments of a
-run resumed under another layout, and an HF folder read slice by slice under a plan.
+(AdamW, clipping, accumulation, precision, LoRA, ZeRO-1) under a layout, with the replicated copies
+of every gradient and param compared across ranks; fp16 steps where one pipeline stage overflows;
+checkpointed segments of a run resumed under another layout; and an HF folder read slice by slice
+under a plan.
 
 Each function takes ``rank`` first (``GlooPool.run`` passes it; ``None`` means one process, no
-process group) and returns its result on rank 0.
+process group) and returns its result on rank 0 (``fp16_overflow``: on every rank).
 """
 from __future__ import annotations
 
