@@ -24,6 +24,7 @@ from neva.data.config import DataConfig
 from neva.data.records import Record, read
 from neva.data.tokenize import BadSample, Encoded, encode
 from neva.data.video import VideoSource, frame_indices
+from neva.progress import Progress
 
 log = logging.getLogger("neva.data")
 
@@ -108,12 +109,9 @@ class NevaDataset(torch.utils.data.Dataset):
         src = Source(Path(self.cfg.image_folder) if self.cfg.image_folder else root,
                      VideoSource(vroot) if any(r.videos for r in recs) else None)
         self.sources.append(src)
-        it = recs
-        if progress:
-            from tqdm import tqdm
-
-            it = tqdm(recs, desc=f"scan {path.name}", unit="sample", leave=False)
-        for rec in it:
+        bar = Progress(len(recs), f"scan {path.name}", unit="sample", on=progress, leave=False)
+        for rec in recs:
+            bar.update()
             try:
                 self._check_media(rec, src)
                 frames = self._frames(rec, src)
@@ -128,6 +126,7 @@ class NevaDataset(torch.utils.data.Dataset):
             self.source_of.append(len(self.sources) - 1)
             self.frames.append(frames)
             lengths.append(len(enc))
+        bar.close()
 
     def _check_media(self, rec: Record, src: Source) -> None:
         for p in rec.images:

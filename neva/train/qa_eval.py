@@ -14,6 +14,7 @@ import torch
 
 from neva.config import ModelConfig
 from neva.generate import Sampling, generate
+from neva.progress import Progress
 
 
 def normalize(text: str) -> str:
@@ -44,10 +45,7 @@ def answer_all(params: dict, cfg: ModelConfig, ds, *, batch_size: int = 32, max_
     n = len(ds) if not limit else min(limit, len(ds))
     stops = tuple(s for s in ds.stop_strings() if s)
     out = []
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-        bar = tqdm(total=n, desc="eval", unit="q", leave=False, mininterval=1.0)
+    bar = Progress(n, "eval", unit="question", on=progress, leave=False)
     for start in range(0, n, batch_size):
         idx = list(range(start, min(n, start + batch_size)))
         prompts, pix = [], []
@@ -65,10 +63,8 @@ def answer_all(params: dict, cfg: ModelConfig, ds, *, batch_size: int = 32, max_
             pred = normalize(text)
             out.append({"id": rec.id, "qtype": rec.meta.get("qtype", "all"), "question": q, "answer": normalize(ref),
                         "pred": pred, "correct": pred == normalize(ref)})
-        if bar is not None:
-            bar.update(len(idx))
-    if bar is not None:
-        bar.close()
+        bar.update(len(idx))
+    bar.close()
     return out
 
 
