@@ -18,26 +18,28 @@ LLM_KINDS = ("llama", "mistral", "mixtral", "nemotron")   # HF families; the com
 class RopeScaling:
     """Llama-3.1 style frequency scaling (``rope_type: llama3``) or ``linear`` position scaling."""
 
-    kind: str = "llama3"
-    factor: float = 8.0
-    low_freq_factor: float = 1.0
-    high_freq_factor: float = 4.0
-    original_max_position: int = 8192
+    kind: str = "llama3"                 # llama3 (frequency bands, Llama-3.1) | linear (positions / factor)
+    factor: float = 8.0                  # how much longer the context gets
+    low_freq_factor: float = 1.0         # llama3: wavelengths above original_max_position / this are scaled
+    high_freq_factor: float = 4.0        # llama3: wavelengths below original_max_position / this are kept
+    original_max_position: int = 8192    # llama3: the context length the model was trained at
 
 
 @dataclass(frozen=True)
 class VisionConfig:
+    """The image encoder: a ViT that turns each image (or video frame) into patch features."""
+
     kind: str = "siglip"                 # a registered encoder: clip (class token, pre-LN) | siglip | yours
-    image_size: int = 384
-    patch_size: int = 14
-    dim: int = 1152
-    n_layers: int = 27
-    n_heads: int = 16
-    mlp_dim: int = 4304
-    eps: float = 1e-6
-    act: str = "gelu_tanh"
+    image_size: int = 384                # input side in pixels (images are resized to it)
+    patch_size: int = 14                 # patch side in pixels: (image_size / patch_size)^2 patches
+    dim: int = 1152                      # hidden size
+    n_layers: int = 27                   # transformer layers
+    n_heads: int = 16                    # attention heads (must divide dim)
+    mlp_dim: int = 4304                  # MLP inner size
+    eps: float = 1e-6                    # LayerNorm epsilon
+    act: str = "gelu_tanh"               # MLP activation: gelu_tanh (SigLIP) | quick_gelu (CLIP) | gelu
     select_layer: int = -2               # index into HF hidden_states (0 = embeddings, -1 = last layer)
-    select_feature: str = "patch"        # patch | cls_patch
+    select_feature: str = "patch"        # patch (patch tokens only) | cls_patch (CLIP: the class token too)
     from_pretrained: str | None = None   # HF CLIP / SigLIP folder
 
     @property
@@ -57,37 +59,41 @@ class VisionConfig:
 
 @dataclass(frozen=True)
 class ProjectorConfig:
+    """The projector: encoder features -> LLM-sized media tokens."""
+
     kind: str = "mlp2x_gelu"             # a registered projector: linear | mlp{N}x_gelu | mlp_downsample | identity
-    bias: bool = True
+    bias: bool = True                    # linear layers with a bias
 
 
 @dataclass(frozen=True)
 class LLMConfig:
+    """The decoder LLM that reads text and media tokens (one trunk, configured per family)."""
+
     kind: str = "llama"                  # llama | mistral | mixtral | nemotron (one decoder, configured)
-    vocab_size: int = 32000
-    dim: int = 4096
-    n_layers: int = 32
-    n_heads: int = 32
-    n_kv_heads: int = 8
+    vocab_size: int = 32000              # embedding and LM-head rows (the image token included)
+    dim: int = 4096                      # hidden size
+    n_layers: int = 32                   # decoder layers
+    n_heads: int = 32                    # query heads
+    n_kv_heads: int = 8                  # key/value heads (GQA; must divide n_heads)
     head_dim: int | None = None          # default dim // n_heads
-    ffn_dim: int = 14336
+    ffn_dim: int = 14336                 # MLP inner size (each expert's, with n_experts)
     mlp: str = "swiglu"                  # a registered FFN: swiglu | relu2 | gelu | gelu_tanh (n_experts > 0: moe)
     norm: str = "rms"                    # rms | layernorm1p
-    eps: float = 1e-5
-    rope_theta: float = 10000.0
-    rope_scaling: RopeScaling | None = None
-    rotary_pct: float = 1.0              # Nemotron rotates half of each head
+    eps: float = 1e-5                    # norm epsilon
+    rope_theta: float = 10000.0          # rotary base
+    rope_scaling: RopeScaling | None = None  # long-context rotary scaling (none = off)
+    rotary_pct: float = 1.0              # fraction of each head rotated (Nemotron: 0.5)
     sliding_window: int | None = None    # Mistral: a query sees this many keys, itself included
-    tie_embeddings: bool = False
-    max_position: int = 4096
+    tie_embeddings: bool = False         # the LM head reuses the embedding matrix
+    max_position: int = 4096             # the longest sequence (rotary tables and generation)
     n_experts: int = 0                   # > 0: MoE MLP (Mixtral)
-    top_k: int = 2
+    top_k: int = 2                       # experts each token is routed to
     aux_loss_coef: float = 0.01          # Switch load-balancing loss weight
     z_loss_coef: float = 0.0             # router z-loss weight
-    init_std: float = 0.02
-    bos_id: int | None = 1
-    eos_id: int | None = 2
-    pad_id: int | None = None
+    init_std: float = 0.02               # std of the normal init (output projections scaled by depth)
+    bos_id: int | None = 1               # beginning-of-sequence token
+    eos_id: int | None = 2               # end-of-sequence token: generation stops at it
+    pad_id: int | None = None            # left padding of prompts in generation (none: eos_id, else 0)
     from_pretrained: str | None = None   # HF Llama / Mistral / Mixtral / Nemotron folder
 
     @property
@@ -106,6 +112,8 @@ class LLMConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
+    """A NeVA: vision encoder -> projector -> media tokens spliced into the LLM's token stream."""
+
     vision: VisionConfig = field(default_factory=VisionConfig)
     projector: ProjectorConfig = field(default_factory=ProjectorConfig)
     llm: LLMConfig = field(default_factory=LLMConfig)

@@ -9,10 +9,12 @@ from neva.parallel.pipeline import SCHEDULES
 
 @dataclass(frozen=True)
 class ParallelConfig:
-    tp: int = 1
-    pp: int = 1
-    ep: int = 1
-    sp: bool = False
+    """The layout of a torchrun launch: tp x pp x ep must divide the world size; dp is what is left."""
+
+    tp: int = 1                     # tensor parallel: heads, MLP inner dim, experts' inner dim, vocabulary
+    pp: int = 1                     # pipeline stages (contiguous LLM layers; micro-batches = train.grad_accum)
+    ep: int = 1                     # expert parallel: experts split over ranks that read different samples
+    sp: bool = False                # sequence parallel with tp: norms and residuals split along the sequence
     pp_schedule: str = "1f1b"       # gpipe | 1f1b
     zero1: bool = False             # optimizer state (moments, fp32 masters) split over dp ranks (ZeRO-1)
 
