@@ -3,7 +3,7 @@ one CPU in under 10 minutes, to answer questions about synthetic images and vide
 
     python experiments/siglip_mixtral.py                                  # the default run
     python experiments/siglip_mixtral.py train.seed=1 run.dir=runs/seed1  # any field: key=value
-    python experiments/siglip_mixtral.py --help                           # every key and its value
+    python experiments/siglip_mixtral.py --help [SECTION]                 # every key: value, type, what it does
     python experiments/siglip_mixtral.py --recipe llava \\
         model.vision.from_pretrained=/models/siglip model.llm.from_pretrained=/models/mixtral
 
@@ -82,11 +82,19 @@ def llava_recipe(exp: X.Experiment) -> X.Experiment:
     return replace(exp, train=t, data=data)
 
 
+RECIPES = {"scratch": "(default) this small NeVA from random init on the synthetic shapes and clips",
+           "llava": "LLaVA's two stages from HF folders (model.vision.from_pretrained and "
+                    "model.llm.from_pretrained): projector pretraining on captions with the encoder and LLM "
+                    "frozen, then projector + LLM on the questions"}
+USAGE = ("usage: python experiments/siglip_mixtral.py [--recipe RECIPE] [key=value ...] [--help [SECTION]]\n\n"
+         + "\n".join(f"  --recipe {k:8s} {v}" for k, v in RECIPES.items()))
+
+
 def split_recipe(argv: list[str]) -> tuple[str, list[str]]:
     if "--recipe" in argv:
         i = argv.index("--recipe")
-        if i + 1 >= len(argv) or argv[i + 1] not in ("scratch", "llava"):
-            raise SystemExit("--recipe takes scratch (default) or llava")
+        if i + 1 >= len(argv) or argv[i + 1] not in RECIPES:
+            raise SystemExit(f"--recipe takes one of {', '.join(RECIPES)}\n\n{USAGE}")
         return argv[i + 1], argv[:i] + argv[i + 2:]
     return "scratch", argv
 
@@ -115,10 +123,10 @@ def main(argv: list[str]) -> dict:
     recipe, argv = split_recipe(argv)
     base_exp = base()
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    exp = X.parse(argv, base_exp, world_size=world)
+    exp = X.parse(argv, base_exp, world_size=world, usage=USAGE)
     if recipe == "llava":
         exp = X.validate(llava_recipe(exp))
-    threads = loop.pick_threads(exp.run.threads)
+    threads, why_threads = loop.pick_threads(exp.run.threads)
     if os.environ.get("LOCAL_RANK", "0") == "0":   # one writer per node
         ensure_data(exp)
     torch.manual_seed(exp.train.seed)
@@ -134,7 +142,8 @@ def main(argv: list[str]) -> dict:
     say = print if par.main else (lambda *a, **k: None)
     run_dir = Path(exp.run.dir)
     tok = tokenizers.load(exp.data.tokenizer)
-    say(f"model: {report.describe_model(cfg, params)}; {threads} thread(s)")
+    say(f"model: {report.describe_model(cfg, params)}")
+    say(f"threads: {why_threads}")
     if not par.single:
         say(par.plan.summary(cfg, par.specs))
         if pc.zero1 and par.layout.dp > 1:
@@ -168,8 +177,11 @@ def main(argv: list[str]) -> dict:
         hf.save(final, cfg, str(run_dir / "hf"))
         tok.save_pretrained(str(run_dir / "hf"))
     report.plot(run_dir)
-    metrics["wall_seconds"] = round(time.time() - t_start, 1)
-    (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=1))
+    segment = {"steps": len(res.rows), "train_seconds": metrics.pop("train_seconds"),
+               "wall_seconds": round(time.time() - t_start, 1), "threads": threads,
+               "resumed_from": str(res.resumed_from) if res.resumed_from else None,
+               "ended": time.strftime("%Y-%m-%d %H:%M:%S")}
+    metrics = report.save_metrics(run_dir, metrics, segment, resumed=res.resumed_from is not None)
     report.print_summary(metrics, run_dir)
     return metrics
 

@@ -1,6 +1,7 @@
 """Export a training checkpoint, whatever layout wrote it, as a Hugging Face LLaVA folder.
 
     python -m neva.export runs/siglip_mixtral/checkpoints/step_00000500 out/llava [--config CONFIG]
+    python -m neva.export runs/siglip_mixtral out/llava       # the run's newest complete checkpoint
 
 The run's resolved ``config.json`` is found next to the checkpoint (or given with ``--config``).
 The checkpoint is read in one process (DCP reassembles every rank's slices); leaves it left out
@@ -66,6 +67,31 @@ def find_config(ckpt: Path) -> Path:
                             "(the run's resolved config, written to run.dir/config.json)")
 
 
+def find_checkpoint(path: str | Path) -> Path:
+    """``path`` if it is a checkpoint folder (``step_N`` or one with a manifest); for a run folder or
+    its ``checkpoints/`` folder, the newest complete checkpoint of the main stage in it (saying which).
+    Anything else is an error that says which folder to pass and lists the checkpoints it found."""
+    from neva.train import checkpoint as ckpt
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path} does not exist: pass a run folder (run.dir) or one of its "
+                                "checkpoints/step_N folders")
+    if (path / ckpt.MANIFEST).exists() or path.name.startswith("step_"):
+        return path
+    for folder in (path / "checkpoints", path):
+        newest = ckpt.latest(folder)
+        if newest is not None:
+            print(f"exporting the newest complete checkpoint in {folder}: {newest.name} "
+                  f"(complete: {', '.join(d.name for d in ckpt.complete(folder))})")
+            return newest
+    found = sorted(d for d in path.rglob("step_*") if d.is_dir())
+    listing = "\n  ".join(f"{d}  ({'complete' if d in ckpt.complete(d.parent) else 'incomplete or damaged'})"
+                          for d in found) or "(none)"
+    raise FileNotFoundError(f"{path} holds no complete checkpoint of a run's main stage: pass a checkpoint "
+                            f"folder (RUN_DIR/checkpoints/step_N, or RUN_DIR itself to take the newest). "
+                            f"Checkpoint folders under {path}:\n  {listing}")
+
+
 def load_checkpoint_params(path: Path, exp: X.Experiment) -> tuple[ModelConfig, dict]:
     """Full fp32 params of a checkpoint (any layout), frozen leaves rebuilt and verified, LoRA merged."""
     from neva.train import checkpoint as ckpt
@@ -97,7 +123,7 @@ def load_checkpoint_params(path: Path, exp: X.Experiment) -> tuple[ModelConfig, 
 
 def export(ckpt_path: str | Path, out: str | Path, config: str | Path | None = None) -> Path:
     from neva import hf
-    ckpt_path = Path(ckpt_path)
+    ckpt_path = find_checkpoint(ckpt_path)
     exp = X.load(config or find_config(ckpt_path))
     cfg, params = load_checkpoint_params(ckpt_path, exp)
     hf.save(params, cfg, str(out))
@@ -113,7 +139,8 @@ def export(ckpt_path: str | Path, out: str | Path, config: str | Path | None = N
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m neva.export", description=__doc__.split("\n\n")[0])
-    ap.add_argument("checkpoint", help="a checkpoint folder (…/checkpoints/step_N)")
+    ap.add_argument("checkpoint", help="a checkpoint folder (RUN_DIR/checkpoints/step_N), or a run folder "
+                                       "(RUN_DIR: its newest complete checkpoint)")
     ap.add_argument("out", help="the HF LLaVA folder to write")
     ap.add_argument("--config", help="the run's config.json (default: found next to the checkpoint)")
     a = ap.parse_args(argv)

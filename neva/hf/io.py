@@ -117,6 +117,13 @@ def _nbytes(t: Tensor) -> int:
     return t.numel() * t.element_size()
 
 
+def _new_file_mode() -> int:
+    """The mode ``open()`` gives a new file here: 0o666 less the process umask."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 def write(tensors: list[tuple[str, Tensor]], folder: str, max_shard_bytes: int) -> list[str]:
     """Write ``(key, tensor)`` pairs as one ``model.safetensors`` or, above ``max_shard_bytes``, as
     shards of at most that size (a larger tensor gets a shard of its own) plus the index json.
@@ -141,6 +148,7 @@ def write(tensors: list[tuple[str, Tensor]], folder: str, max_shard_bytes: int) 
     for name, idx in zip(names, plan):
         shard = {tensors[i][0]: tensors[i][1].detach().contiguous().cpu() for i in idx}
         save_file(shard, os.path.join(folder, name), metadata=meta)
+        os.chmod(os.path.join(folder, name), _new_file_mode())   # safetensors writes 0600; the folder is shared
         weight_map.update({k: name for k in shard})
         del shard
     if len(plan) == 1:

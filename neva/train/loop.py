@@ -32,6 +32,7 @@ import torch.distributed as tdist
 from neva import overrides
 from neva.batch import split as split_batch
 from neva.params import Tree, flatten, unflatten
+from neva.progress import Progress
 from neva.train import checkpoint as ckpt
 from neva.train import lora as lora_mod
 from neva.train import optim
@@ -42,19 +43,19 @@ from neva.train.step import NonFiniteLoss, StepSetup, TrainState, init_state, tr
 Experiment = Any          # neva.experiment.Experiment (above this floor): model, data, train, eval, checkpoint, run
 
 
-def pick_threads(requested: int = 0) -> int:
-    """Set torch's intra-op threads. 0 = time a small matmul with 1 thread and with every core and
-    keep the faster: on a CPU shared with other work, threads that wait on each other at every op
-    barrier can make a step ten times slower than one thread."""
+def pick_threads(requested: int = 0) -> tuple[int, str]:
+    """Set torch's intra-op threads. -> (threads, why, for the log). 0 = time a small matmul with 1
+    thread and with every core and keep the faster: on a CPU shared with other work, threads that
+    wait on each other at every op barrier can make a step ten times slower than one thread."""
     if requested > 0:
         torch.set_num_threads(requested)
-        return requested
+        return requested, f"run.threads={requested}: {requested} thread{'s' * (requested > 1)}"
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     if cores <= 1:
         torch.set_num_threads(1)
-        return 1
+        return 1, "1 core available: 1 thread"
     a, b = torch.randn(512, 256), torch.randn(256, 256)
-    best = None
+    seconds = {}
     for n in (1, cores):
         torch.set_num_threads(n)
         for _ in range(3):
@@ -62,11 +63,20 @@ def pick_threads(requested: int = 0) -> int:
         t0 = time.perf_counter()
         for _ in range(20):
             a @ b
-        dt = time.perf_counter() - t0
-        if best is None or dt < best[0] * 0.8:              # more threads must win clearly
-            best = (dt, n)
-    torch.set_num_threads(best[1])
-    return best[1]
+        seconds[n] = time.perf_counter() - t0
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    n, why = thread_choice(cores, seconds[1], seconds[cores], load)
+    torch.set_num_threads(n)
+    return n, why + "; set run.threads=N to choose"
+
+
+def thread_choice(cores: int, t_one: float, t_all: float, load: float) -> tuple[int, str]:
+    """Every core only if it clearly beats one thread (times of the same work); -> (threads, why)."""
+    if t_all < 0.8 * t_one:
+        return cores, f"{cores} cores, {t_one / t_all:.1f}x faster than 1: {cores} threads"
+    if load >= 0.75 * cores:
+        return 1, f"the CPU is busy (load {load:.1f} on {cores} cores): 1 thread"
+    return 1, f"{cores} threads were not faster than 1 here ({t_one / t_all:.2f}x): 1 thread"
 
 
 def is_main() -> bool:
@@ -143,19 +153,27 @@ class Metrics:
         if keep_upto and self.path.exists():
             rows = [r for r in map(json.loads, self.path.read_text().splitlines()) if r["step"] <= keep_upto]
         self.path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-        if tensorboard:
+        self._tb_args = (str(run_dir / "tb"), keep_upto + 1 if keep_upto else None) if tensorboard else None
+
+    def _writer(self):
+        """The TensorBoard writer, made at the first row: a stage that trains no step (a finished
+        run started again) adds no empty events file."""
+        if self.tb is None and self._tb_args is not None:
+            logdir, purge = self._tb_args
+            self._tb_args = None
             try:
                 from torch.utils.tensorboard import SummaryWriter
-                self.tb = SummaryWriter(str(run_dir / "tb"), purge_step=keep_upto + 1 if keep_upto else None)
+                self.tb = SummaryWriter(logdir, purge_step=purge)
             except ImportError:                                  # tensorboard is optional at run time
-                self.tb = None
+                pass
+        return self.tb
 
     def write(self, row: dict) -> None:
         if not self.main:
             return
         with open(self.path, "a") as f:
             f.write(json.dumps(row) + "\n")
-        if self.tb is not None:
+        if self._writer() is not None:
             for k, v in row.items():
                 if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
                     self.tb.add_scalar(k if "/" in k else f"train/{k}", v, row["step"])
@@ -309,10 +327,15 @@ class _Run:
                 self.metrics.write(row)
             self.result.rows.append(row)
             if bar is not None:
-                bar.update(1)
-                bar.set_postfix(loss=f"{row['loss']:.3f}", refresh=False)
+                bar.update(1, loss=row["loss"], **{"tokens/s": row["tokens_per_s"]})
+                evals = {k[5:]: v for k, v in row.items() if k.startswith("eval/") and k.count("_") == 1}
+                if evals:
+                    bar.write(f"step {step}: held-out " + ", ".join(f"{k} {v:.3f}" for k, v in evals.items()))
             if exp.run.threads == 0 and step % 50 == 0:
-                pick_threads(0)              # other work on the CPU comes and goes: re-check
+                before = torch.get_num_threads()     # other work on the CPU comes and goes: re-check
+                n, why = pick_threads(0)
+                if n != before and bar is not None:
+                    bar.write(f"step {step}: {why}")
             if exp.checkpoint.every and step % exp.checkpoint.every == 0 and step < st.steps:
                 self.save(step)
         self.save(step)
@@ -332,8 +355,7 @@ def _finish_row(row: dict, step: int, n_in: int, t_data: float, tag: str) -> dic
     return row
 
 
-def _progress(exp: Experiment, start: int, total: int, desc: str, main: bool):
-    if not (exp.run.progress and main):
-        return None
-    from tqdm.auto import tqdm
-    return tqdm(total=total, initial=start, desc=desc, dynamic_ncols=True, mininterval=1.0)
+def _progress(exp: Experiment, start: int, total: int, desc: str, main: bool) -> Progress:
+    """A bar on a terminal; elsewhere a line every ``run.print_every`` steps (the main rank only)."""
+    return Progress(total, desc, unit="step", on=exp.run.progress and main, initial=start,
+                    every=exp.run.print_every, seconds=0)
