@@ -36,7 +36,7 @@ def duration(seconds: float) -> str:
 
 def _number(v) -> str:
     if isinstance(v, float):
-        return f"{v:.0f}" if abs(v) >= 1000 else f"{v:.4g}"
+        return f"{v:.0f}" if abs(v) >= 100 else f"{v:.4g}"
     return str(v)
 
 
@@ -96,7 +96,7 @@ class Progress:
         done, spent = self.n - self._start, now - self._t0
         if done > 0 and spent > 0:
             rate = done / spent
-            parts.append(f"{rate:.3g} {self.unit}s/s" if rate >= 1 else f"{1 / rate:.3g} s/{self.unit}")
+            parts.append(f"{_number(rate)} {self.unit}s/s" if rate >= 1 else f"{1 / rate:.3g} s/{self.unit}")
             if final or self.n >= self.total:
                 parts.append(f"took {duration(spent)}")
             else:

@@ -110,7 +110,7 @@ def test_lora_run_exports_merged_weights(workdir, capsys):
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
     capsys.readouterr()
     assert E.main([str(run), str(workdir / "out2")]) == 0
-    assert "newest complete checkpoint in runs/lora/checkpoints: step_00000002" in capsys.readouterr().out
+    assert "newest complete checkpoint in " + str(run / "checkpoints") + ": step_00000002" in capsys.readouterr().out
     c = flatten(hf.load(str(workdir / "out2"))[1])
     assert all(torch.equal(b[k], c[k]) for k in b)
     (run / "checkpoints/step_00000009").mkdir()                      # an interrupted save: no manifest
@@ -220,22 +220,21 @@ def test_thread_choice():
 
 
 def test_loss_curve_ticks_carry_numbers():
-    """The log axis labels 1-2-3-5 ticks in each decade, so the final loss sits between two numbers
-    at most 2x apart; the axis label gives the final running mean."""
+    """A loss falling from 10 to 0.43: the log axis labels 1-2-3-5 ticks in each decade, so a number
+    sits within 1.5x of the final loss (matplotlib's default labels only 1 and 10 here); the axis
+    label gives the final running mean."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     from neva.train import report
-    rows = [{"step": i + 1, "loss": 10.0 * 0.99 ** i + 0.4} for i in range(300)]
+    rows = [{"step": i + 1, "loss": 10.0 * 0.985 ** i + 0.4} for i in range(400)]
     fig = report.loss_figure(rows, "t")
     fig.canvas.draw()
     ax = fig.axes[0]
     lo, hi = ax.get_ylim()
-    ticks = [(t.get_position()[1], t.get_text()) for t in ax.get_yticklabels() if lo <= t.get_position()[1] <= hi]
-    labelled = sorted(v for v, text in ticks if text)
+    labelled = [t.get_position()[1] for t in ax.get_yticklabels() if t.get_text() and lo <= t.get_position()[1] <= hi]
     final = sum(r["loss"] for r in rows[-20:]) / 20
-    below, above = max(v for v in labelled if v <= final), min(v for v in labelled if v >= final)
-    assert above / below <= 2 and len(labelled) >= 5
+    assert len(labelled) >= 4 and min(max(v / final, final / v) for v in labelled) <= 1.5, labelled
     assert f"{final:.3f}" in ax.get_ylabel()
     plt.close(fig)

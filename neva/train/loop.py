@@ -327,7 +327,7 @@ class _Run:
                 self.metrics.write(row)
             self.result.rows.append(row)
             if bar is not None:
-                bar.update(1, loss=row["loss"], **{"tokens/s": row["tokens_per_s"]})
+                bar.update(1, loss=row["loss"], **{"tokens/s": row[f"{st.tag}/tokens_per_s" if st.tag else "tokens_per_s"]})
                 evals = {k[5:]: v for k, v in row.items() if k.startswith("eval/") and k.count("_") == 1}
                 if evals:
                     bar.write(f"step {step}: held-out " + ", ".join(f"{k} {v:.3f}" for k, v in evals.items()))

@@ -168,6 +168,6 @@ def print_summary(m: dict, run_dir: str | Path) -> None:
     segs = m.get("segments", [])
     took = f"{segs[-1]['wall_seconds']:.0f}s" if segs else f"{m['wall_seconds']:.0f}s"
     if len(segs) > 1:
-        took += f" ({m['wall_seconds']:.0f}s in all, over {len(segs)} runs of this command)"
+        took += f" ({m['wall_seconds']:.0f}s over the {len(segs)} commands that made this run)"
     written = [name for name in OUTPUTS if (Path(run_dir) / name.rstrip("/")).exists()]
     print(f"done in {took}; outputs in {run_dir}/ ({', '.join(written)})")
