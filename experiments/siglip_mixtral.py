@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import textwrap
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -87,7 +88,8 @@ RECIPES = {"scratch": "(default) this small NeVA from random init on the synthet
                     "model.llm.from_pretrained): projector pretraining on captions with the encoder and LLM "
                     "frozen, then projector + LLM on the questions"}
 USAGE = ("usage: python experiments/siglip_mixtral.py [--recipe RECIPE] [key=value ...] [--help [SECTION]]\n\n"
-         + "\n".join(f"  --recipe {k:8s} {v}" for k, v in RECIPES.items()))
+         + "\n".join(textwrap.fill(v, 104, initial_indent=f"  --recipe {k:8s} ", subsequent_indent=" " * 20)
+                     for k, v in RECIPES.items()))
 
 
 def split_recipe(argv: list[str]) -> tuple[str, list[str]]:

@@ -23,7 +23,8 @@ def gloo_pool():
 def job(tmp_path, monkeypatch):
     """The main job (experiments/siglip_mixtral.py) started from an empty folder with its synthetic
     dataset shrunk to 40 images and 8 clips: what it writes (data/synthetic/, runs/) stays in tmp_path."""
-    sys.path.insert(0, str(ROOT / "experiments"))
+    if str(ROOT / "experiments") not in sys.path:
+        sys.path.insert(0, str(ROOT / "experiments"))
     import siglip_mixtral
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(siglip_mixtral, "GENERATE", dict(siglip_mixtral.GENERATE, train_images=40, eval_images=3,
