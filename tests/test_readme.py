@@ -131,3 +131,10 @@ def test_a_command_that_does_not_run_is_still_checked(job, cmd):
     """A world the layout does not divide; a layout the model does not divide (4 heads over tp=8)."""
     with pytest.raises(ValueError):
         check_without_running(job, cmd)
+
+
+def test_ci_runs_the_quickstart_test_command():
+    """CI runs the README's test command as written: a fresh venv, the test extra, the suite."""
+    quick = README.read_text().split("## Quickstart", 1)[1].split("\n## ", 1)[0]
+    line = next(ln for ln in quick.splitlines() if "pytest" in ln)
+    assert line.strip() in (README.parent / ".ci" / "run").read_text(), line
