@@ -13,14 +13,24 @@ position) that goes into checkpoints, so a resumed run sees the same data.
 Writes under ``run.dir``: ``config.json`` (the resolved config), ``metrics.jsonl`` (one row per step:
 ``step``, ``loss``, ``ce``, ``aux``, ``z``, ``lr``, ``grad_norm``, ``tokens_per_s`` ... plus evaluation
 results on the steps that evaluate), TensorBoard events in ``tb/``, checkpoints in ``checkpoints/``
-(a stage's under ``checkpoints/<tag>``). On an error (a run of non-finite losses, Ctrl-C) the last good
-state is checkpointed before the error propagates, so nothing trained is lost.
+(a stage's under ``checkpoints/<tag>``). A run never mixes its files with another run's
+(``checkpoint.claim``), and config.json is written only after the resumed checkpoint fits the config.
+
+Nothing trained is lost: on an error in the loop (a bad sample found by a worker, too many non-finite
+steps, any exception, Ctrl-C) the last good state is checkpointed before the error propagates; on
+SIGTERM or SIGUSR1 (preemption: Slurm, Kubernetes) the run finishes its step, saves and exits with
+128 + the signal's number (``Stopped``). Under torchrun every rank learns of a failure or a signal
+at the same step boundary, so all save that step together. A skipped non-finite step is printed
+with the sample ids of its batch; past ``train.max_bad_fraction`` of the stage's steps the run stops.
 """
 from __future__ import annotations
 
 import json
 import math
 import os
+import pickle
+import signal
+import threading
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -177,6 +187,7 @@ class Result:
     rows: list[dict] = field(default_factory=list)
     resumed_from: Path | None = None
     step: int = 0                     # the stage's steps done (resumed ones included)
+    skipped_steps: int = 0            # steps skipped for a non-finite loss (run: over every stage)
 
 
 def plain_params(exp: Experiment, state: TrainState, merge_lora: bool = True) -> dict:
@@ -198,14 +209,25 @@ def run(exp: Experiment, params: Tree, batches_for: Callable[[Stage], Iterator[d
     from there, so checkpoints leave out the leaves a stage does not train (and check them at resume).
     -> the main stage's Result."""
     local = params if par is None else par.shard(params)
-    res = None
-    for st in stages(exp):
+    res, skipped, todo = None, 0, stages(exp)
+    for st in todo:                  # a later stage that would refuse its folder refuses before the first trains
+        if st.exp.train.resume != "auto":
+            resumed = None if st.exp.train.resume in RESUME_WORDS else Path(st.exp.train.resume)
+            ckpt.on_rank0(lambda: ckpt.claim(_ck_dir(st), resumed, auto=False, dry=True))  # noqa: B023
+    for st in todo:
         setup = make_setup(st.exp, par, st.steps, st.groups)
         frozen = None if sources is None else ckpt.frozen_info(params, optim.trainable_paths(params, setup.opt), sources)
         res = train(st.exp, local, batches_for(st), par=par, setup=setup, frozen=frozen, stage=st,
                     eval_fn=eval_fn if not st.tag else None)
+        skipped += res.skipped_steps
         local = plain_params(st.exp, res.state, merge_lora=False)
+    res.skipped_steps = skipped
     return res
+
+
+def _ck_dir(stage: Stage) -> Path:
+    d = Path(stage.exp.run.dir) / "checkpoints"
+    return d / stage.tag if stage.tag else d
 
 
 def train(exp: Experiment, params: Tree, batches: Iterator[dict], *, par=None, setup: StepSetup | None = None,
@@ -222,7 +244,7 @@ def train(exp: Experiment, params: Tree, batches: Iterator[dict], *, par=None, s
     stage = stage or Stage(exp, exp.train.steps, exp.train.optimizer_groups())
     setup = setup or make_setup(exp, par, stage.steps, stage.groups)
     run_dir = Path(exp.run.dir)
-    ck_dir = run_dir / "checkpoints" / stage.tag if stage.tag else run_dir / "checkpoints"
+    ck_dir = _ck_dir(stage)
     state = init_state(params, setup)
     start, resumed = _resume(exp, state, batches, ck_dir, setup, frozen)
     if is_main():
@@ -232,36 +254,87 @@ def train(exp: Experiment, params: Tree, batches: Iterator[dict], *, par=None, s
              last_saved=start if resumed else -1)
     bar = _progress(exp, start, stage.steps, stage.desc, is_main())
     try:
-        r.steps(start, bar, eval_fn)
-    except (NonFiniteLoss, KeyboardInterrupt):
-        if r.save(r.result.step) and is_main():
-            print(f"saved the last good state at step {r.result.step} to {ck_dir}; resume with train.resume=auto")
+        with _StopSignals(_world() > 1) as r.signals:
+            r.steps(start, bar, eval_fn)
+    except Stopped:
+        raise
+    except BaseException as e:        # noqa: BLE001 - Ctrl-C too: save what is good, then let it propagate
+        r.save_after(e)
         raise
     finally:
         if bar is not None:
             bar.close()
         metrics.close()
+    r.result.skipped_steps = state.skipped
     return r.result
 
 
 def _resume(exp: Experiment, state: TrainState, batches, ck_dir: Path, setup: StepSetup,
             frozen: dict | None) -> tuple[int, Path | None]:
-    """Load ``train.resume``'s checkpoint into ``state`` (and the sampler position into ``batches``).
-    -> (the step it resumes at, the checkpoint) or (0, None)."""
-    resumed = ckpt.resolve(exp.train.resume, ck_dir)
-    if resumed is None:
-        return 0, None
-    meta = ckpt.load(resumed, state, par=setup.par, frozen=frozen)
-    if meta.get("sampler") is not None and hasattr(batches, "load_state_dict"):
+    """Load ``train.resume``'s checkpoint into ``state`` (and the sampler position into ``batches``),
+    once ``ck_dir`` may be this run's (``checkpoint.claim``: refused before anything is loaded, damaged
+    or abandoned checkpoints set aside after the load fits). -> (the step it resumes at, the
+    checkpoint) or (0, None). Rank 0 reads and moves; every rank gets the outcome."""
+    word = exp.train.resume
+    resumed = ckpt.on_rank0(lambda: ckpt.resolve(word, ck_dir))
+    ckpt.on_rank0(lambda: ckpt.claim(ck_dir, resumed, auto=word == "auto", dry=True))
+    meta = None if resumed is None else ckpt.load(resumed, state, par=setup.par, frozen=frozen)
+    if meta is not None and meta.get("sampler") is not None and hasattr(batches, "load_state_dict"):
         batches.load_state_dict(meta["sampler"])
+    moved = ckpt.on_rank0(lambda: ckpt.claim(ck_dir, resumed, auto=word == "auto"))
     if is_main():
-        print(f"resumed from {resumed} at step {meta['step']}")
-    return int(meta["step"]), resumed
+        for line in moved:
+            print(line)
+        if moved and resumed is None:
+            print(f"no intact checkpoint in {ck_dir}: this run starts at step 0")
+        if meta is not None:
+            print(f"resumed from {resumed} at step {meta['step']}")
+    return (0, None) if meta is None else (int(meta["step"]), resumed)
+
+
+def _world() -> int:
+    return tdist.get_world_size() if tdist.is_available() and tdist.is_initialized() else 1
+
+
+class Stopped(SystemExit):
+    """A stop signal ended the stage at ``step``, after its state was saved: a SystemExit with the
+    shell's code for the signal (128 + its number), so no traceback prints, nothing after training
+    runs as if it had finished, and ``train && export`` stops there."""
+
+    def __init__(self, signum: int, step: int):
+        super().__init__(128 + signum)
+        self.signum, self.step = signum, step
+
+
+class _StopSignals:
+    """While a stage trains, SIGTERM and SIGUSR1 (what Slurm and Kubernetes send before preemption),
+    and under torchrun SIGINT (its launcher forwards Ctrl-C to every rank), only note that the run
+    must stop: the loop ends at the next step boundary. One process keeps Ctrl-C as KeyboardInterrupt."""
+
+    def __init__(self, multi: bool):
+        self.names = ("SIGTERM", "SIGUSR1") + (("SIGINT",) if multi else ())
+        self.got, self.old = 0, {}
+
+    def __enter__(self) -> "_StopSignals":
+        if threading.current_thread() is threading.main_thread():       # handlers live in the main thread
+            for name in self.names:
+                if hasattr(signal, name):
+                    sig = getattr(signal, name)
+                    self.old[sig] = signal.signal(sig, self._note)
+        return self
+
+    def _note(self, signum, frame) -> None:
+        self.got = self.got or signum
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self.old.items():
+            signal.signal(sig, handler)
 
 
 @dataclass
 class _Run:
-    """One stage in progress: its steps, and its checkpoints (with the sampler position)."""
+    """One stage in progress: its steps, its checkpoints (with the sampler position), and what
+    happens when something goes wrong (see the module docstring)."""
 
     exp: Experiment
     stage: Stage
@@ -273,16 +346,24 @@ class _Run:
     metrics: "Metrics"
     result: Result
     last_saved: int = -1
+    signals: _StopSignals | None = None
+    pending: BaseException | None = None     # an error held until every rank knows of it
+    position: dict | None = None             # the sampler after the last finished step (not after a batch fetched since)
+
+    def _note_position(self) -> None:
+        self.position = self.batches.state_dict() if hasattr(self.batches, "state_dict") else None
 
     def save(self, step: int) -> bool:
         """Checkpoint ``step`` unless it is saved already."""
         if step == self.last_saved:
             return False
-        sampler = self.batches.state_dict() if hasattr(self.batches, "state_dict") else None
-        ckpt.save(self.ck_dir, step, self.state, {"sampler": sampler, "tag": self.stage.tag},
+        ckpt.save(self.ck_dir, step, self.state, {"sampler": self.position, "tag": self.stage.tag},
                   keep_last=self.exp.checkpoint.keep_last, par=self.setup.par, frozen=self.frozen)
         self.last_saved = step
         return True
+
+    def _where(self, step: int) -> str:
+        return str(self.ck_dir / f"step_{step:08d}")
 
     def steps(self, step: int, bar, eval_fn) -> None:
         """From ``step`` to the stage's end: one optimizer step per batch, a metrics row each,
@@ -291,23 +372,42 @@ class _Run:
         n_data = setup.par.dist.data_size if setup.par is not None else 1   # every data rank reads as many
         it = iter(self.batches)
         self.result.step = step
-        while step < st.steps:
+        self._note_position()
+        while True:
             t0 = time.perf_counter()
-            batch = next(it)
+            batch = None
+            if step < st.steps and self.pending is None:
+                try:
+                    batch = next(it)
+                except Exception as e:       # noqa: BLE001 - e.g. a bad sample: every rank stops at this step
+                    self.pending = e
             t_data = time.perf_counter() - t0
+            self._agree(step)
+            if step >= st.steps:
+                break
+            skipped = self.state.skipped
             try:
                 row = train_step(self.state, split_batch(batch, setup.cfg, exp.train.grad_accum), setup)
             except NonFiniteLoss as e:       # the step is consumed (and logged) like any skipped one
                 self.result.step = step = step + 1
+                self._note_position()
+                self._say_skipped(e.row, step)
                 self.metrics.write(_finish_row(e.row, step + st.offset, n_tokens_in(batch) * n_data, t_data, st.tag))
                 raise
             self.result.step = step = step + 1
+            self._note_position()
             if eval_fn is not None and exp.eval.every and step % exp.eval.every == 0 and step < st.steps:
-                row.update(eval_fn(plain_params(exp, self.state), step))
+                try:
+                    row.update(eval_fn(plain_params(exp, self.state), step))
+                except Exception as e:       # noqa: BLE001 - held: under a plan the other ranks are past it
+                    self.pending = e
             row = _finish_row(row, step + st.offset, n_tokens_in(batch) * n_data, t_data, st.tag)
-            if step % exp.train.log_every == 0 or step == st.steps:
+            if step % exp.train.log_every == 0 or step == st.steps or self.state.skipped > skipped:
                 self.metrics.write(row)
             self.result.rows.append(row)
+            if self.state.skipped > skipped:
+                self._say_skipped(row, step)
+                self._check_bad_fraction(row, step)
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(loss=f"{row['loss']:.3f}", refresh=False)
@@ -316,6 +416,97 @@ class _Run:
             if exp.checkpoint.every and step % exp.checkpoint.every == 0 and step < st.steps:
                 self.save(step)
         self.save(step)
+
+    def _agree(self, step: int) -> None:
+        """Every rank learns whether any rank holds an error or got a stop signal (one small
+        all-reduce a step); then all save ``step`` together and raise: the error (the failing
+        rank's own on the others) or ``Stopped``."""
+        err, self.pending = self.pending, None
+        sig = self.signals.got if self.signals is not None else 0
+        if _world() > 1:
+            dev = torch.device("cuda", torch.cuda.current_device()) if tdist.get_backend() == "nccl" else "cpu"
+            flags = torch.tensor([sig, int(err is not None)], dtype=torch.int64, device=dev)
+            tdist.all_reduce(flags, op=tdist.ReduceOp.MAX)
+            sig = int(flags[0])
+            if int(flags[1]):
+                err = _first_error(err)
+        if err is None and not sig:
+            return
+        why = f"stopped by {signal.Signals(sig).name} at step {step}" if err is None else f"error at step {step + 1}"
+        saved = self._saved_line(step)
+        if is_main():
+            print(f"{why}: {saved}")
+        if err is not None:
+            raise err
+        raise Stopped(sig, step)
+
+    def _saved_line(self, step: int) -> str:
+        """Save ``step``; -> where it is and how to resume, or why it could not be saved."""
+        try:
+            self.save(step)
+        except Exception as e:  # noqa: BLE001 - the error that brought us here matters more
+            return f"the last good state (step {step}) could not be saved ({type(e).__name__}: {e})"
+        return (f"the last good state (step {step}) is in {self._where(step)}; run the same command again to "
+                "resume (train.resume=auto)")
+
+    def save_after(self, e: BaseException) -> None:
+        """After an error that left the loop without ``_agree``: save the last good state where that
+        is safe, and say where it is (or why there is none)."""
+        step = self.result.step
+        if step == self.last_saved:
+            return
+        last = f"the last checkpoint is {self._where(self.last_saved)}" if self.last_saved >= 0 else "no checkpoint yet"
+        if self.state.updating:
+            print(f"the error came inside the optimizer update of step {step + 1}, so the state is torn: not saved; {last}")
+        elif _world() > 1 and not isinstance(e, NonFiniteLoss):
+            print(f"rank {tdist.get_rank()}: {type(e).__name__} after step {step}, which the other ranks may not "
+                  f"share: not saved (a collective save could hang); {last}")
+        else:
+            saved = self._saved_line(step)
+            if is_main():
+                print(saved)
+
+    def _say_skipped(self, row: dict, step: int) -> None:
+        """Print a skipped non-finite step with the sample ids of its batch (every data rank's)."""
+        ids = list(getattr(self.batches, "batch_ids", None) or [])
+        if _world() > 1:
+            every = [None] * _world()
+            tdist.all_gather_object(every, ids)
+            ids = list(dict.fromkeys(i for rank_ids in every for i in rank_ids))   # tp / pp peers read the same
+        if is_main():
+            samples = f"; its samples: {', '.join(map(str, ids))}" if ids else ""
+            print(f"step {step + self.stage.offset} skipped: the loss ({row['loss']}) or gradient norm ({row['grad_norm']}) "
+                  f"is not finite{samples}; {self.state.skipped} of {step} steps skipped so far")
+
+    def _check_bad_fraction(self, row: dict, step: int) -> None:
+        t = self.exp.train
+        limit = max(1, int(t.max_bad_fraction * self.stage.steps))
+        if self.state.skipped > limit:
+            raise NonFiniteLoss(
+                f"{self.state.skipped} of {step} steps had a non-finite loss or gradient and were skipped, more than "
+                f"train.max_bad_fraction={t.max_bad_fraction} of the stage's {self.stage.steps} steps allows ({limit}): "
+                "check the samples printed above, lower train.lr, or use train.precision=bf16 or fp32", row)
+
+
+def _first_error(mine: BaseException | None) -> BaseException:
+    """This rank's error, or the first failing rank's (the same type and message: one message for
+    every rank to raise, rank 0 to print)."""
+    if mine is None:
+        blob = None
+    else:
+        try:
+            blob = (pickle.dumps(mine), str(mine))
+        except Exception:  # noqa: BLE001 - an unpicklable exception travels as its message
+            blob = (pickle.dumps(RuntimeError(str(mine))), str(mine))
+    every = [None] * _world()
+    tdist.all_gather_object(every, blob)
+    if mine is not None:
+        return mine
+    data, msg = next(b for b in every if b is not None)
+    try:
+        return pickle.loads(data)
+    except Exception:  # noqa: BLE001
+        return RuntimeError(msg)
 
 
 def n_tokens_in(batch: dict) -> int:
