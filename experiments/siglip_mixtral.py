@@ -143,8 +143,14 @@ def main(argv: list[str]) -> dict:
     loaders = []
 
     def batches_for(stage: loop.Stage):
-        loader = build_loader(stage.exp.data, cfg, tok=tok, progress=exp.run.progress and par.main,
-                              rank=par.dist.data_rank, world=par.dist.data_size)
+        try:
+            loader = build_loader(stage.exp.data, cfg, tok=tok, progress=exp.run.progress and par.main,
+                                  rank=par.dist.data_rank, world=par.dist.data_size)
+        except ValueError as e:              # stage 1 reads what train.pretrain_* say, not data.*
+            if not stage.tag:
+                raise
+            raise type(e)(f"stage 1 (train.pretrain_data={stage.exp.data.data_path}, train.pretrain_template="
+                          f"{stage.exp.data.template}): {e}") from e
         if not stage.tag:
             priors.update(qa_eval.prior_answers(qa_eval.training_answers(loader.ds.records)))
         loaders.append(loader)
