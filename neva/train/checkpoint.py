@@ -147,6 +147,7 @@ def save(ckpt_dir: str | Path, step: int, state: TrainState, meta: dict | None =
         if final.exists():                               # re-saving a step: the new one wins
             shutil.rmtree(final)
         os.replace(tmp, final)
+        _VERIFIED[str(final.resolve())] = _stamp(final)   # its checksums were just computed from these files
         if keep_last:
             _clean_up(ckpt_dir, step, keep_last)
     _barrier()
@@ -174,8 +175,21 @@ def _clean_up(ckpt_dir: Path, step: int, keep_last: int) -> None:
         shutil.rmtree(d, ignore_errors=True)
 
 
+_VERIFIED: dict[str, tuple] = {}     # checkpoint -> its files' (name, size, mtime) when their checksums last matched
+
+
+def _stamp(path: Path) -> tuple:
+    return tuple(sorted((f.name, st.st_size, st.st_mtime_ns) for f in path.iterdir() if f.is_file()
+                        for st in [f.stat()]))
+
+
 def _problem(path: Path, verify: bool = False) -> str | None:
-    """Why ``path`` is not a complete checkpoint (None if it is); ``verify``: checksums too."""
+    """Why ``path`` is not a complete checkpoint (None if it is); ``verify``: checksums too (not read
+    again for files this process wrote or checked that have not changed since: clean-up at every
+    save would otherwise re-read the checkpoints it keeps)."""
+    key = str(Path(path).resolve())
+    if verify and _VERIFIED.get(key) is not None and _VERIFIED[key] == _stamp(path):
+        return None
     man_path = path / MANIFEST
     if not man_path.exists():
         return f"it has no {MANIFEST}: it was interrupted while being written"
@@ -192,6 +206,8 @@ def _problem(path: Path, verify: bool = False) -> str | None:
             return f"file {name} is {got}, the manifest says {size} bytes: the checkpoint is damaged"
         if verify and name in man.get("blake2b", {}) and _digest(f) != man["blake2b"][name]:
             return f"file {name} does not match its checksum: the checkpoint is corrupt"
+    if verify:
+        _VERIFIED[key] = _stamp(path)
     return None
 
 
