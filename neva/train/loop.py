@@ -28,9 +28,7 @@ from __future__ import annotations
 import json
 import math
 import os
-import pickle
 import signal
-import threading
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -46,6 +44,7 @@ from neva.train import checkpoint as ckpt
 from neva.train import lora as lora_mod
 from neva.train import optim
 from neva.train.config import RESUME_WORDS
+from neva.train.faults import StopSignals, Stopped, agree, gather_ids, world
 from neva.train.remat import RematPolicy
 from neva.train.step import NonFiniteLoss, StepSetup, TrainState, init_state, train_step
 
@@ -254,7 +253,7 @@ def train(exp: Experiment, params: Tree, batches: Iterator[dict], *, par=None, s
              last_saved=start if resumed else -1)
     bar = _progress(exp, start, stage.steps, stage.desc, is_main())
     try:
-        with _StopSignals(_world() > 1) as r.signals:
+        with StopSignals(world() > 1) as r.signals:
             r.steps(start, bar, eval_fn)
     except Stopped:
         raise
@@ -292,45 +291,6 @@ def _resume(exp: Experiment, state: TrainState, batches, ck_dir: Path, setup: St
     return (0, None) if meta is None else (int(meta["step"]), resumed)
 
 
-def _world() -> int:
-    return tdist.get_world_size() if tdist.is_available() and tdist.is_initialized() else 1
-
-
-class Stopped(SystemExit):
-    """A stop signal ended the stage at ``step``, after its state was saved: a SystemExit with the
-    shell's code for the signal (128 + its number), so no traceback prints, nothing after training
-    runs as if it had finished, and ``train && export`` stops there."""
-
-    def __init__(self, signum: int, step: int):
-        super().__init__(128 + signum)
-        self.signum, self.step = signum, step
-
-
-class _StopSignals:
-    """While a stage trains, SIGTERM and SIGUSR1 (what Slurm and Kubernetes send before preemption),
-    and under torchrun SIGINT (its launcher forwards Ctrl-C to every rank), only note that the run
-    must stop: the loop ends at the next step boundary. One process keeps Ctrl-C as KeyboardInterrupt."""
-
-    def __init__(self, multi: bool):
-        self.names = ("SIGTERM", "SIGUSR1") + (("SIGINT",) if multi else ())
-        self.got, self.old = 0, {}
-
-    def __enter__(self) -> "_StopSignals":
-        if threading.current_thread() is threading.main_thread():       # handlers live in the main thread
-            for name in self.names:
-                if hasattr(signal, name):
-                    sig = getattr(signal, name)
-                    self.old[sig] = signal.signal(sig, self._note)
-        return self
-
-    def _note(self, signum, frame) -> None:
-        self.got = self.got or signum
-
-    def __exit__(self, *exc) -> None:
-        for sig, handler in self.old.items():
-            signal.signal(sig, handler)
-
-
 @dataclass
 class _Run:
     """One stage in progress: its steps, its checkpoints (with the sampler position), and what
@@ -346,7 +306,7 @@ class _Run:
     metrics: "Metrics"
     result: Result
     last_saved: int = -1
-    signals: _StopSignals | None = None
+    signals: StopSignals | None = None
     pending: BaseException | None = None     # an error held until every rank knows of it
     position: dict | None = None             # the sampler after the last finished step (not after a batch fetched since)
 
@@ -422,14 +382,7 @@ class _Run:
         all-reduce a step); then all save ``step`` together and raise: the error (the failing
         rank's own on the others) or ``Stopped``."""
         err, self.pending = self.pending, None
-        sig = self.signals.got if self.signals is not None else 0
-        if _world() > 1:
-            dev = torch.device("cuda", torch.cuda.current_device()) if tdist.get_backend() == "nccl" else "cpu"
-            flags = torch.tensor([sig, int(err is not None)], dtype=torch.int64, device=dev)
-            tdist.all_reduce(flags, op=tdist.ReduceOp.MAX)
-            sig = int(flags[0])
-            if int(flags[1]):
-                err = _first_error(err)
+        sig, err = agree(self.signals.got if self.signals is not None else 0, err)
         if err is None and not sig:
             return
         why = f"stopped by {signal.Signals(sig).name} at step {step}" if err is None else f"error at step {step + 1}"
@@ -458,7 +411,7 @@ class _Run:
         last = f"the last checkpoint is {self._where(self.last_saved)}" if self.last_saved >= 0 else "no checkpoint yet"
         if self.state.updating:
             print(f"the error came inside the optimizer update of step {step + 1}, so the state is torn: not saved; {last}")
-        elif _world() > 1 and not isinstance(e, NonFiniteLoss):
+        elif world() > 1 and not isinstance(e, NonFiniteLoss):
             print(f"rank {tdist.get_rank()}: {type(e).__name__} after step {step}, which the other ranks may not "
                   f"share: not saved (a collective save could hang); {last}")
         else:
@@ -468,11 +421,7 @@ class _Run:
 
     def _say_skipped(self, row: dict, step: int) -> None:
         """Print a skipped non-finite step with the sample ids of its batch (every data rank's)."""
-        ids = list(getattr(self.batches, "batch_ids", None) or [])
-        if _world() > 1:
-            every = [None] * _world()
-            tdist.all_gather_object(every, ids)
-            ids = list(dict.fromkeys(i for rank_ids in every for i in rank_ids))   # tp / pp peers read the same
+        ids = gather_ids(getattr(self.batches, "batch_ids", None) or [])
         if is_main():
             samples = f"; its samples: {', '.join(map(str, ids))}" if ids else ""
             print(f"step {step + self.stage.offset} skipped: the loss ({row['loss']}) or gradient norm ({row['grad_norm']}) "
@@ -486,27 +435,6 @@ class _Run:
                 f"{self.state.skipped} of {step} steps had a non-finite loss or gradient and were skipped, more than "
                 f"train.max_bad_fraction={t.max_bad_fraction} of the stage's {self.stage.steps} steps allows ({limit}): "
                 "check the samples printed above, lower train.lr, or use train.precision=bf16 or fp32", row)
-
-
-def _first_error(mine: BaseException | None) -> BaseException:
-    """This rank's error, or the first failing rank's (the same type and message: one message for
-    every rank to raise, rank 0 to print)."""
-    if mine is None:
-        blob = None
-    else:
-        try:
-            blob = (pickle.dumps(mine), str(mine))
-        except Exception:  # noqa: BLE001 - an unpicklable exception travels as its message
-            blob = (pickle.dumps(RuntimeError(str(mine))), str(mine))
-    every = [None] * _world()
-    tdist.all_gather_object(every, blob)
-    if mine is not None:
-        return mine
-    data, msg = next(b for b in every if b is not None)
-    try:
-        return pickle.loads(data)
-    except Exception:  # noqa: BLE001
-        return RuntimeError(msg)
 
 
 def n_tokens_in(batch: dict) -> int:
