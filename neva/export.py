@@ -107,9 +107,9 @@ def check_out(out: Path, overwrite: bool) -> None:
     there = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
     if there and not overwrite:
         raise FileExistsError(
-            f"{out} is not empty ({', '.join(there[:5])}{' ...' if len(there) > 5 else ''}): choose a new folder, or pass "
-            "--overwrite to replace the files export writes (config.json, model*.safetensors, tokenizer files) and "
-            "keep the others")
+            f"{out} is not empty ({', '.join(there[:5])}{' ...' if len(there) > 5 else ''}): choose a new folder, "
+            "or pass --overwrite to replace the files export writes (config.json, model*.safetensors, tokenizer "
+            "files) and keep the others")
 
 
 def export(ckpt_path: str | Path, out: str | Path, config: str | Path | None = None, overwrite: bool = False) -> Path:

@@ -36,7 +36,8 @@ class ParallelConfig:
     def _fits(self, world: int, model) -> str:
         from neva.parallel.plan import Layout, Plan
         if model is None:
-            fits = [str(Layout.fit(world, tp, pp, ep)) for tp in (1, 2, 4, 8) for pp in (1, 2, 4, 8) for ep in (1, 2, 4, 8)
+            sizes = (1, 2, 4, 8)
+            fits = [str(Layout.fit(world, tp, pp, ep)) for tp in sizes for pp in sizes for ep in sizes
                     if world % (tp * pp * ep) == 0]
             return f"\n  layouts that fit {world} processes: " + ", ".join(fits[:12])
         from neva.model import specs
