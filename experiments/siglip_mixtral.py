@@ -32,6 +32,7 @@ from pathlib import Path
 
 import torch
 
+from neva import cli, comm
 from neva import experiment as X
 from neva import model
 from neva.config import LLMConfig, ModelConfig, ProjectorConfig, VisionConfig
@@ -40,9 +41,7 @@ from neva.data import synthetic, tokenizers
 from neva.export import base_params, sources
 from neva.params import flatten
 from neva.parallel import runtime
-from neva.train import checkpoint as ckpt
 from neva.train import lora, loop, qa_eval, report
-from neva.train.step import NonFiniteLoss
 
 DATA = "data/synthetic"
 
@@ -152,12 +151,20 @@ def main(argv: list[str]) -> dict:
             say(f"ZeRO-1: the optimizer state of each leaf on one of the {par.layout.dp} dp ranks")
     eval_sets = report.eval_sets(exp, cfg, tok)
     priors: dict = {}                              # the main stage's most common answer per question type
+    loaders = []
 
     def batches_for(stage: loop.Stage):
-        loader = build_loader(stage.exp.data, cfg, tok=tok, progress=exp.run.progress and par.main,
-                              rank=par.dist.data_rank, world=par.dist.data_size)
+        try:
+            loader = build_loader(stage.exp.data, cfg, tok=tok, progress=exp.run.progress and par.main,
+                                  rank=par.dist.data_rank, world=par.dist.data_size)
+        except ValueError as e:              # stage 1 reads what train.pretrain_* say, not data.*
+            if not stage.tag:
+                raise
+            raise type(e)(f"stage 1 (train.pretrain_data={stage.exp.data.data_path}, train.pretrain_template="
+                          f"{stage.exp.data.template}): {e}") from e
         if not stage.tag:
             priors.update(qa_eval.prior_answers(qa_eval.training_answers(loader.ds.records)))
+        loaders.append(loader)
         return loader
 
     def eval_fn(p: dict, step: int) -> dict:
@@ -167,13 +174,15 @@ def main(argv: list[str]) -> dict:
     from_hf = exp.model.vision.from_pretrained or exp.model.llm.from_pretrained
     res = loop.run(exp, params, batches_for, par=par, eval_fn=eval_fn, sources=sources(exp) if from_hf else None)
     final = par.gather(loop.plain_params(exp, res.state))
+    skipped = skipped_samples(loaders, par)
     t_train = time.time() - t_start
     if not par.main:
         return {}
     metrics = report.final_eval(final, cfg, eval_sets, priors, exp)
     metrics.update(recipe=recipe, seed=t.seed, steps=t.steps, pretrain_steps=t.pretrain_steps,
                    train_seconds=round(t_train, 1), precision=t.precision,
-                   params=sum(v.numel() for v in flatten(final).values()))
+                   params=sum(v.numel() for v in flatten(final).values()),
+                   skipped_samples=skipped, skipped_steps=res.skipped_steps)
     if exp.checkpoint.export_hf:
         from neva import hf
         hf.save(final, cfg, str(run_dir / "hf"))
@@ -188,8 +197,13 @@ def main(argv: list[str]) -> dict:
     return metrics
 
 
+def skipped_samples(loaders: list, par) -> int:
+    """Samples left out under data.on_bad_sample=skip, over every stage: those the scan dropped (every
+    rank scans them all) and those that failed to load (each data rank loads its own)."""
+    loaded = torch.tensor(float(sum(len(ld.skipped) for ld in loaders)))
+    loaded = comm.all_reduce_nograd(loaded, par.dist.data, "sum")
+    return sum(len(ld.ds.stats.skipped) for ld in loaders) + int(loaded)
+
+
 if __name__ == "__main__":
-    try:
-        main(sys.argv[1:])
-    except (X.ConfigError, ckpt.CheckpointError, NonFiniteLoss) as e:   # the last good state is saved
-        raise SystemExit(f"error: {e}") from None
+    cli.run(main, sys.argv[1:])      # a user's error: one line (--debug: the traceback); the last good state is saved

@@ -39,7 +39,7 @@ def validate(exp: Experiment, world_size: int = 1) -> Experiment:
     """Raise ConfigError listing everything that would fail later (all at start, not after an hour)."""
     errs = []
     checks = [exp.model.validate, exp.train.validate, exp.eval.validate, exp.checkpoint.validate,
-              lambda: exp.parallel.validate(world_size), exp.run.validate]
+              lambda: exp.parallel.validate(world_size, exp.model), exp.run.validate]
     if exp.data is not None and hasattr(exp.data, "validate"):
         checks.append(exp.data.validate)
     for check in checks:
@@ -51,6 +51,11 @@ def validate(exp: Experiment, world_size: int = 1) -> Experiment:
     if rows is not None and exp.train.grad_accum >= 1 and rows % exp.train.grad_accum:
         errs.append(f"train.grad_accum={exp.train.grad_accum} must divide data.batch_size={rows} (rows per step "
                     "on each data-parallel rank)")
+    if exp.train.pretrain_steps and exp.data is not None and hasattr(exp.data, "template"):
+        from neva.data.templates import TEMPLATES
+        if exp.train.pretrain_template not in TEMPLATES:         # stage 1 puts it in data.template
+            errs.append(f"train.pretrain_template={exp.train.pretrain_template!r} is not a known template: use one of "
+                        f"{sorted(TEMPLATES)}")
     if exp.train.mode == "func" and exp.parallel.pp > 1:
         errs.append("train.mode=func with parallel.pp > 1: the pipeline schedule runs each stage's backward "
                     "with autograd (it must hand gradients between stages); use train.mode=autograd")

@@ -55,6 +55,7 @@ def test_main_job_writes_every_output_and_resumes(workdir, capsys):
     assert json.loads((run / "config.json").read_text())["train"]["steps"] == 4
     assert ckpt.latest(run / "checkpoints").name == "step_00000004"
     assert "held-out image questions:" in out and "prior" in out and "hf/" in out.splitlines()[-1]
+    assert m["skipped_samples"] == 0 and m["skipped_steps"] == 0 and "skipped: 0 samples" in out
     from transformers import LlavaForConditionalGeneration
     hf = LlavaForConditionalGeneration.from_pretrained(str(run / "hf"))
     assert hf.config.text_config.num_local_experts == 4
@@ -130,6 +131,14 @@ def test_bad_overrides_fail_before_anything_runs(workdir):
         job.main(["train.step=3"])
     with pytest.raises(job.X.ConfigError, match="must divide data.batch_size"):
         job.main(["train.grad_accum=5"])
+
+
+def test_stage_one_data_errors_name_the_pretrain_keys(workdir):
+    """Stage 1 reads train.pretrain_data with train.pretrain_template: its errors say so, not data.*."""
+    with pytest.raises(ValueError, match=r"stage 1 \(train.pretrain_data=small/captions.jsonl, "
+                                         r"train.pretrain_template=llama_3\): template llama_3 needs"):
+        job.main(SMALL + ["train.steps=1", "train.pretrain_steps=1", "train.pretrain_template=llama_3",
+                          "run.dir=runs/pt", "eval.max_samples=1"])
 
 
 def _tiny_hf_parts(root: Path):

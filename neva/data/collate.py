@@ -8,11 +8,15 @@ A *row* is a list of ``Sample``s: one sample (unpacked) or several (packed). The
   position_ids   int64[B, T]    0.. per sample (restarting in packed rows), 0 on padding
   segment_ids    int64[B, T]    packed only: samples 1..k within a row, 0 on padding
   pixel_values   float32[N, 3, H, W]  every row's media, row-major, in order of appearance
-  "_stats"       {"skipped": [messages], "truncated": n, "samples": n}  (the Loader pops it)
+  "_stats"       {"skipped": [messages], "errors": [messages], "ids": [sample ids], "truncated": n,
+                 "samples": n}  (the Loader pops it)
 
 T is ``pad_to`` when given (packed rows, or fixed-shape unpacked batches), else the longest row.
 Skipped samples (their media failed to decode under ``on_bad_sample=skip``) are left out of their
-row and reported in ``_stats``; a row left empty is dropped.
+row and reported in ``_stats``; a row left empty is dropped. A sample that failed under
+``on_bad_sample=error`` comes as its message in ``errors``, for the Loader to raise in the main
+process (a worker's exception would reach the user wrapped in its traceback). ``ids``: the sample
+ids of the batch, row-major.
 """
 from __future__ import annotations
 
@@ -24,10 +28,11 @@ from neva.batch import IGNORE
 def collate(rows: list[list], *, packed: bool, pad_to: int | None = None, pad_id: int = 0,
             image_size: int | None = None) -> dict:
     skipped = [s.skipped for row in rows for s in row if s.skipped is not None]
-    rows = [[s for s in row if s.skipped is None] for row in rows]
+    errors = [s.error for row in rows for s in row if s.error is not None]
+    rows = [[s for s in row if s.skipped is None and s.error is None] for row in rows]
     rows = [row for row in rows if row]
-    stats = {"skipped": skipped, "truncated": sum(s.truncated > 0 for row in rows for s in row),
-             "samples": sum(len(row) for row in rows)}
+    stats = {"skipped": skipped, "errors": errors, "ids": [s.id for row in rows for s in row],
+             "truncated": sum(s.truncated > 0 for row in rows for s in row), "samples": sum(len(row) for row in rows)}
     if not rows:
         return {"_stats": stats}
     lens = [sum(len(s.input_ids) for s in row) for row in rows]

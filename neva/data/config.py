@@ -36,6 +36,7 @@ class DataConfig:
     seed: int = 0                         # the sample order (resumable: a checkpoint holds the position)
     num_workers: int = 2                  # DataLoader worker processes (decode images and video)
     on_bad_sample: str = "error"          # error: stop naming the sample | skip: count, log and go on
+    max_skip_fraction: float = 0.01       # skip: more skipped samples than this fraction of the data (>= 1) is an error
 
     def validate(self) -> "DataConfig":
         """Raise on a value that cannot work, naming the ``data.`` field and what would."""
@@ -57,6 +58,8 @@ class DataConfig:
             raise ValueError(f"data.max_seq_len={self.max_seq_len} must be at least 2")
         if self.batch_size < 1:
             raise ValueError(f"data.batch_size={self.batch_size} must be at least 1")
+        if not 0 <= self.max_skip_fraction <= 1:
+            raise ValueError(f"data.max_skip_fraction={self.max_skip_fraction} must lie in [0, 1]")
         if self.num_workers < 0:
             raise ValueError(f"data.num_workers={self.num_workers} must be >= 0")
         return self

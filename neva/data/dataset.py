@@ -1,12 +1,15 @@
 """Records -> checked, tokenised samples with their pixels; the map-style dataset the loader reads.
 
 ``NevaDataset`` reads and validates every record up front (a *scan*: parse, render, tokenise,
-check media files exist) so a bad sample is reported before training starts, with its id, and so
-packing knows every length. Workers re-tokenise (deterministic) and decode the media.
+check media files exist and their headers read: cheap, no decoding) so a bad sample is reported
+before training starts, with its id, and so packing knows every length. Workers re-tokenise
+(deterministic) and decode the media.
 
 ``on_bad_sample``: ``error`` raises ``BadSample`` naming the sample; ``skip`` drops it, counts it in
 ``stats`` and logs it. A sample whose media turn out corrupt only when a worker decodes them is
-skipped the same way, by the loader (``Loader.stats``).
+skipped the same way, by the loader (``Loader.skipped``). More skipped samples than
+``data.max_skip_fraction`` of the data (at least one is allowed) is an error naming the first ones
+(``check_skips``): a skip setting must never hide a dataset that does not load.
 """
 from __future__ import annotations
 
@@ -46,6 +49,7 @@ class Sample:
     labels: torch.Tensor | None = None             # int64[T]
     pixel_values: torch.Tensor | None = None       # float32[n_media_images, 3, H, W]
     skipped: str | None = None
+    error: str | None = None                       # on_bad_sample=error: why it failed (the Loader raises it)
     truncated: int = 0
 
 
@@ -59,6 +63,14 @@ class ScanStats:
     def summary(self) -> str:
         return (f"{self.records} samples kept, {len(self.skipped)} skipped, {self.truncated} truncated "
                 f"({self.truncated_tokens} tokens cut)")
+
+
+LOAD_ERRORS = (BadSample, FileNotFoundError, ValueError, OSError)   # what a bad sample raises when loaded
+
+
+def named(rec: Record, e: Exception) -> str:
+    """An error's message, naming the sample unless it already does."""
+    return str(e) if rec.name in str(e) else f"{rec.name}: {e}"
 
 
 def _paths(spec: str | list[str]) -> list[Path]:
@@ -90,10 +102,22 @@ class NevaDataset(torch.utils.data.Dataset):
         self.stats.records = len(self.records)
         if self.stats.skipped or self.stats.truncated:
             log.warning("data scan: %s (max_seq_len=%d)", self.stats.summary(), cfg.max_seq_len)
+        self.check_skips()
         if not self.records:
             raise ValueError(f"no usable samples in {cfg.data_path if data_path is None else data_path}")
 
     # ------------------------------------------------------------------------------------ scan
+    def check_skips(self, later: list[str] = ()) -> None:
+        """Raise BadSample if the scan's skips plus ``later`` ones (found when decoding) are more than
+        ``data.max_skip_fraction`` of the samples (at least one is allowed), naming the first."""
+        bad = self.stats.skipped + list(later)
+        total = len(self.records) + len(self.stats.skipped)
+        limit = max(1, int(self.cfg.max_skip_fraction * total))
+        if len(bad) > limit:
+            raise BadSample(f"{len(bad)} of {total} samples could not be used, more than data.max_skip_fraction="
+                            f"{self.cfg.max_skip_fraction} allows ({limit}); the first: " + " | ".join(bad[:3])
+                            + (" ..." if len(bad) > 3 else "") + ". Fix or remove them, or raise data.max_skip_fraction")
+
     def _bad(self, msg: str) -> None:
         if self.cfg.on_bad_sample == "error":
             raise BadSample(msg)
@@ -102,6 +126,8 @@ class NevaDataset(torch.utils.data.Dataset):
 
     def _scan_file(self, path: Path, lengths: list, progress: bool) -> None:
         recs, skipped = read(path, self.cfg.on_bad_sample)
+        if not recs and not skipped:
+            log.warning("data file %s holds no records", path)
         for msg in skipped:
             self._bad(msg)
         root = path.parent
@@ -117,7 +143,7 @@ class NevaDataset(torch.utils.data.Dataset):
                 frames = self._frames(rec, src)
                 enc = self._encode(rec, frames)
             except (BadSample, FileNotFoundError, ValueError) as e:
-                self._bad(str(e) if rec.name in str(e) else f"{rec.name}: {e}")
+                self._bad(named(rec, e))
                 continue
             if enc.truncated:
                 self.stats.truncated += 1
@@ -129,12 +155,15 @@ class NevaDataset(torch.utils.data.Dataset):
         bar.close()
 
     def _check_media(self, rec: Record, src: Source) -> None:
+        """Each media file exists and its header reads (no decoding: a truncated body shows at load)."""
         for p in rec.images:
             if not (src.image_root / p).is_file():
                 raise FileNotFoundError(f"{rec.name}: image file {src.image_root / p} does not exist")
+            imaging.check_header(src.image_root / p, rec.name)
         for v in rec.videos:
             if not src.video.exists(v):
                 raise FileNotFoundError(f"{rec.name}: video {src.video.where(v)} does not exist")
+            src.video.check_header(v, rec.name)
 
     def _frames(self, rec: Record, src: Source) -> list[int]:
         out, vi = [], 0
@@ -192,10 +221,10 @@ class NevaDataset(torch.utils.data.Dataset):
             want = sum(s.frames for s in enc.spans)
             if pix.shape[0] != want:
                 raise BadSample(f"{rec.name}: decoded {pix.shape[0]} media images where the tokens hold {want}")
-        except (BadSample, FileNotFoundError, ValueError, OSError) as e:
+        except LOAD_ERRORS as e:
             if self.cfg.on_bad_sample == "error":
                 raise
-            return Sample(rec.id, skipped=str(e) if rec.name in str(e) else f"{rec.name}: {e}")
+            return Sample(rec.id, skipped=named(rec, e))
         return Sample(rec.id, torch.from_numpy(enc.input_ids), torch.from_numpy(enc.labels), pix,
                       truncated=enc.truncated)
 

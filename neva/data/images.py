@@ -73,7 +73,7 @@ def _center_crop(a_hwc: np.ndarray, size: int) -> np.ndarray:
 
 def process(img: Image.Image, spec: ImageSpec) -> torch.Tensor:
     """A PIL image -> float32[3, H, W] normalised pixels (H = W = size unless mode is keep)."""
-    img = img.convert("RGB")
+    img = to_rgb(img)
     if spec.mode == "pad":
         img = expand_to_square(img, tuple(int(m * 255) for m in spec.mean))
     w, h = img.size
@@ -93,12 +93,38 @@ def process(img: Image.Image, spec: ImageSpec) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1)))
 
 
+def check_header(path, name: str = "") -> None:
+    """Cheap check at scan time: the file is not empty and PIL recognises its header (no pixels are
+    decoded; a body cut short shows only when the image is loaded)."""
+    pre = f"{name}: " if name else ""
+    try:
+        with Image.open(path) as im:
+            im.size                                     # noqa: B018 - parsed from the header
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"{pre}image file {path} does not exist") from e
+    except Exception as e:  # noqa: BLE001 - PIL raises many types for a file that is not an image
+        raise ValueError(f"{pre}image file {path} is not an image PIL can read ({e})") from e
+
+
+def to_rgb(im: Image.Image) -> Image.Image:
+    """Any PIL image -> 8-bit RGB. 16-bit and 32-bit integer greyscale ("I;16", "I": PNG, TIFF) is
+    scaled from 0..65535 to 0..255; PIL's own convert clips it, turning most of the image white."""
+    if im.mode.startswith("I;16") or im.mode == "I":
+        a = np.asarray(im, dtype=np.float64)
+        top = 65535.0 if im.mode.startswith("I;16") or a.max(initial=0) <= 65535 else float(a.max())
+        im = Image.fromarray(np.clip(np.rint(a * (255.0 / top)), 0, 255).astype(np.uint8), "L")
+    elif im.mode == "F":                                # float images: 0..1
+        im = Image.fromarray(np.clip(np.rint(np.asarray(im) * 255.0), 0, 255).astype(np.uint8), "L")
+    return im.convert("RGB")
+
+
 def open_image(path, name: str = "") -> Image.Image:
-    """Open and fully decode an image; raise naming the file (and sample) if missing or corrupt."""
+    """Open and fully decode an image as 8-bit RGB (``to_rgb``); raise naming the file (and sample)
+    if missing or corrupt."""
     try:
         with Image.open(path) as im:
             im.load()
-            return im.convert("RGB")
+            return to_rgb(im)
     except FileNotFoundError as e:
         raise FileNotFoundError(f"{name + ': ' if name else ''}image file {path} does not exist") from e
     except Exception as e:  # noqa: BLE001 - PIL raises many types for a corrupt file

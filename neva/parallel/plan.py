@@ -237,10 +237,11 @@ class Plan:
                                 f"replicate all of it with ({part + '/.*'!r}, 'replicate') or none")
         if problems:
             raise ValueError(f"parallel plan {lay} does not fit the model:\n  - " + "\n  - ".join(dict.fromkeys(problems))
-                             + (self._suggest(cfg, specs, world or lay.world) if suggest else ""))
+                             + (self.suggest(cfg, specs, world or lay.world) if suggest else ""))
         return self
 
-    def _suggest(self, cfg: ModelConfig, specs: dict, world: int) -> str:
+    def suggest(self, cfg: ModelConfig, specs: dict, world: int) -> str:
+        """A line listing the layouts (tp, pp, ep up to 8) that fit ``world`` processes and the model."""
         fits = []
         for tp, pp, ep in itertools.product([1, 2, 4, 8], repeat=3):
             if world % (tp * pp * ep):

@@ -40,6 +40,7 @@ class TrainConfig:
     remat_layers: int = 1           # uniform: layers per chunk; block: how many layers
     resume: str = "auto"            # auto (newest complete checkpoint in run.dir) | none | a folder
     max_bad_steps: int = 5          # non-finite losses in a row before the run stops
+    max_bad_fraction: float = 0.01  # non-finite steps skipped in all, as a fraction of a stage's steps (>= 1 allowed)
     freeze: str = ""                # regex: leaves that never train (e.g. "^(vision|llm)/")
     lr_mults: str = ""              # "regex=mult,regex=mult": per-group lr multipliers, first match wins
     groups: tuple[Group, ...] = ()  # full optim.Group rules (Python only); come before freeze/lr_mults
@@ -85,6 +86,8 @@ class TrainConfig:
             errs.append(f"train.remat={self.remat!r}: use one of {REMAT_METHODS}")
         if self.remat_layers < 1 or self.max_bad_steps < 1 or self.log_every < 1:
             errs.append("train.remat_layers, train.max_bad_steps and train.log_every must be >= 1")
+        if not 0 <= self.max_bad_fraction <= 1:
+            errs.append(f"train.max_bad_fraction={self.max_bad_fraction} must lie in [0, 1]")
         if self.grad_accum < 1:
             errs.append(f"train.grad_accum={self.grad_accum} must be >= 1")
         if self.pretrain_steps < 0 or self.pretrain_lr < 0:

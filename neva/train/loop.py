@@ -13,14 +13,22 @@ position) that goes into checkpoints, so a resumed run sees the same data.
 Writes under ``run.dir``: ``config.json`` (the resolved config), ``metrics.jsonl`` (one row per step:
 ``step``, ``loss``, ``ce``, ``aux``, ``z``, ``lr``, ``grad_norm``, ``tokens_per_s`` ... plus evaluation
 results on the steps that evaluate), TensorBoard events in ``tb/``, checkpoints in ``checkpoints/``
-(a stage's under ``checkpoints/<tag>``). On an error (a run of non-finite losses, Ctrl-C) the last good
-state is checkpointed before the error propagates, so nothing trained is lost.
+(a stage's under ``checkpoints/<tag>``). A run never mixes its files with another run's
+(``checkpoint.claim``), and config.json is written only after the resumed checkpoint fits the config.
+
+Nothing trained is lost: on an error in the loop (a bad sample found by a worker, too many non-finite
+steps, any exception, Ctrl-C) the last good state is checkpointed before the error propagates; on
+SIGTERM or SIGUSR1 (preemption: Slurm, Kubernetes) the run finishes its step, saves and exits with
+128 + the signal's number (``Stopped``). Under torchrun every rank learns of a failure or a signal
+at the same step boundary, so all save that step together. A skipped non-finite step is printed
+with the sample ids of its batch; past ``train.max_bad_fraction`` of the stage's steps the run stops.
 """
 from __future__ import annotations
 
 import json
 import math
 import os
+import signal
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -37,6 +45,7 @@ from neva.train import checkpoint as ckpt
 from neva.train import lora as lora_mod
 from neva.train import optim
 from neva.train.config import RESUME_WORDS
+from neva.train.faults import StopSignals, Stopped, agree, gather_ids, world
 from neva.train.remat import RematPolicy
 from neva.train.step import NonFiniteLoss, StepSetup, TrainState, init_state, train_step
 
@@ -195,6 +204,7 @@ class Result:
     rows: list[dict] = field(default_factory=list)
     resumed_from: Path | None = None
     step: int = 0                     # the stage's steps done (resumed ones included)
+    skipped_steps: int = 0            # steps skipped for a non-finite loss (run: over every stage)
 
 
 def plain_params(exp: Experiment, state: TrainState, merge_lora: bool = True) -> dict:
@@ -216,14 +226,25 @@ def run(exp: Experiment, params: Tree, batches_for: Callable[[Stage], Iterator[d
     from there, so checkpoints leave out the leaves a stage does not train (and check them at resume).
     -> the main stage's Result."""
     local = params if par is None else par.shard(params)
-    res = None
-    for st in stages(exp):
+    res, skipped, todo = None, 0, stages(exp)
+    for st in todo:                  # a later stage that would refuse its folder refuses before the first trains
+        if st.exp.train.resume != "auto":
+            resumed = None if st.exp.train.resume in RESUME_WORDS else Path(st.exp.train.resume)
+            ckpt.on_rank0(lambda: ckpt.claim(_ck_dir(st), resumed, auto=False, dry=True))  # noqa: B023
+    for st in todo:
         setup = make_setup(st.exp, par, st.steps, st.groups)
         frozen = None if sources is None else ckpt.frozen_info(params, optim.trainable_paths(params, setup.opt), sources)
         res = train(st.exp, local, batches_for(st), par=par, setup=setup, frozen=frozen, stage=st,
                     eval_fn=eval_fn if not st.tag else None)
+        skipped += res.skipped_steps
         local = plain_params(st.exp, res.state, merge_lora=False)
+    res.skipped_steps = skipped
     return res
+
+
+def _ck_dir(stage: Stage) -> Path:
+    d = Path(stage.exp.run.dir) / "checkpoints"
+    return d / stage.tag if stage.tag else d
 
 
 def train(exp: Experiment, params: Tree, batches: Iterator[dict], *, par=None, setup: StepSetup | None = None,
@@ -240,7 +261,7 @@ def train(exp: Experiment, params: Tree, batches: Iterator[dict], *, par=None, s
     stage = stage or Stage(exp, exp.train.steps, exp.train.optimizer_groups())
     setup = setup or make_setup(exp, par, stage.steps, stage.groups)
     run_dir = Path(exp.run.dir)
-    ck_dir = run_dir / "checkpoints" / stage.tag if stage.tag else run_dir / "checkpoints"
+    ck_dir = _ck_dir(stage)
     state = init_state(params, setup)
     start, resumed = _resume(exp, state, batches, ck_dir, setup, frozen)
     if is_main():
@@ -250,36 +271,48 @@ def train(exp: Experiment, params: Tree, batches: Iterator[dict], *, par=None, s
              last_saved=start if resumed else -1)
     bar = _progress(exp, start, stage.steps, stage.desc, is_main())
     try:
-        r.steps(start, bar, eval_fn)
-    except (NonFiniteLoss, KeyboardInterrupt):
-        if r.save(r.result.step) and is_main():
-            print(f"saved the last good state at step {r.result.step} to {ck_dir}; resume with train.resume=auto")
+        with StopSignals(world() > 1) as r.signals:
+            r.steps(start, bar, eval_fn)
+    except Stopped:
+        raise
+    except BaseException as e:        # noqa: BLE001 - Ctrl-C too: save what is good, then let it propagate
+        r.save_after(e)
         raise
     finally:
         if bar is not None:
             bar.close()
         metrics.close()
+    r.result.skipped_steps = state.skipped
     return r.result
 
 
 def _resume(exp: Experiment, state: TrainState, batches, ck_dir: Path, setup: StepSetup,
             frozen: dict | None) -> tuple[int, Path | None]:
-    """Load ``train.resume``'s checkpoint into ``state`` (and the sampler position into ``batches``).
-    -> (the step it resumes at, the checkpoint) or (0, None)."""
-    resumed = ckpt.resolve(exp.train.resume, ck_dir)
-    if resumed is None:
-        return 0, None
-    meta = ckpt.load(resumed, state, par=setup.par, frozen=frozen)
-    if meta.get("sampler") is not None and hasattr(batches, "load_state_dict"):
+    """Load ``train.resume``'s checkpoint into ``state`` (and the sampler position into ``batches``),
+    once ``ck_dir`` may be this run's (``checkpoint.claim``: refused before anything is loaded, damaged
+    or abandoned checkpoints set aside after the load fits). -> (the step it resumes at, the
+    checkpoint) or (0, None). Rank 0 reads and moves; every rank gets the outcome."""
+    word = exp.train.resume
+    resumed = ckpt.on_rank0(lambda: ckpt.resolve(word, ck_dir))
+    ckpt.on_rank0(lambda: ckpt.claim(ck_dir, resumed, auto=word == "auto", dry=True))
+    meta = None if resumed is None else ckpt.load(resumed, state, par=setup.par, frozen=frozen)
+    if meta is not None and meta.get("sampler") is not None and hasattr(batches, "load_state_dict"):
         batches.load_state_dict(meta["sampler"])
+    moved = ckpt.on_rank0(lambda: ckpt.claim(ck_dir, resumed, auto=word == "auto"))
     if is_main():
-        print(f"resumed from {resumed} at step {meta['step']}")
-    return int(meta["step"]), resumed
+        for line in moved:
+            print(line)
+        if moved and resumed is None:
+            print(f"no intact checkpoint in {ck_dir}: this run starts at step 0")
+        if meta is not None:
+            print(f"resumed from {resumed} at step {meta['step']}")
+    return (0, None) if meta is None else (int(meta["step"]), resumed)
 
 
 @dataclass
 class _Run:
-    """One stage in progress: its steps, and its checkpoints (with the sampler position)."""
+    """One stage in progress: its steps, its checkpoints (with the sampler position), and what
+    happens when something goes wrong (see the module docstring)."""
 
     exp: Experiment
     stage: Stage
@@ -291,16 +324,24 @@ class _Run:
     metrics: "Metrics"
     result: Result
     last_saved: int = -1
+    signals: StopSignals | None = None
+    pending: BaseException | None = None     # an error held until every rank knows of it
+    position: dict | None = None             # the sampler after the last finished step (not after a batch fetched since)
+
+    def _note_position(self) -> None:
+        self.position = self.batches.state_dict() if hasattr(self.batches, "state_dict") else None
 
     def save(self, step: int) -> bool:
         """Checkpoint ``step`` unless it is saved already."""
         if step == self.last_saved:
             return False
-        sampler = self.batches.state_dict() if hasattr(self.batches, "state_dict") else None
-        ckpt.save(self.ck_dir, step, self.state, {"sampler": sampler, "tag": self.stage.tag},
+        ckpt.save(self.ck_dir, step, self.state, {"sampler": self.position, "tag": self.stage.tag},
                   keep_last=self.exp.checkpoint.keep_last, par=self.setup.par, frozen=self.frozen)
         self.last_saved = step
         return True
+
+    def _where(self, step: int) -> str:
+        return str(self.ck_dir / f"step_{step:08d}")
 
     def steps(self, step: int, bar, eval_fn) -> None:
         """From ``step`` to the stage's end: one optimizer step per batch, a metrics row each,
@@ -309,23 +350,42 @@ class _Run:
         n_data = setup.par.dist.data_size if setup.par is not None else 1   # every data rank reads as many
         it = iter(self.batches)
         self.result.step = step
-        while step < st.steps:
+        self._note_position()
+        while True:
             t0 = time.perf_counter()
-            batch = next(it)
+            batch = None
+            if step < st.steps and self.pending is None:
+                try:
+                    batch = next(it)
+                except Exception as e:       # noqa: BLE001 - e.g. a bad sample: every rank stops at this step
+                    self.pending = e
             t_data = time.perf_counter() - t0
+            self._agree(step)
+            if step >= st.steps:
+                break
+            skipped = self.state.skipped
             try:
                 row = train_step(self.state, split_batch(batch, setup.cfg, exp.train.grad_accum), setup)
             except NonFiniteLoss as e:       # the step is consumed (and logged) like any skipped one
                 self.result.step = step = step + 1
+                self._note_position()
+                self._say_skipped(e.row, step)
                 self.metrics.write(_finish_row(e.row, step + st.offset, n_tokens_in(batch) * n_data, t_data, st.tag))
                 raise
             self.result.step = step = step + 1
+            self._note_position()
             if eval_fn is not None and exp.eval.every and step % exp.eval.every == 0 and step < st.steps:
-                row.update(eval_fn(plain_params(exp, self.state), step))
+                try:
+                    row.update(eval_fn(plain_params(exp, self.state), step))
+                except Exception as e:       # noqa: BLE001 - held: under a plan the other ranks are past it
+                    self.pending = e
             row = _finish_row(row, step + st.offset, n_tokens_in(batch) * n_data, t_data, st.tag)
-            if step % exp.train.log_every == 0 or step == st.steps:
+            if step % exp.train.log_every == 0 or step == st.steps or self.state.skipped > skipped:
                 self.metrics.write(row)
             self.result.rows.append(row)
+            if self.state.skipped > skipped:
+                self._say_skipped(row, step)
+                self._check_bad_fraction(row, step)
             if bar is not None:
                 bar.update(1, loss=row["loss"], **{"tokens/s": row[f"{st.tag}/tokens_per_s" if st.tag else "tokens_per_s"]})
                 evals = {k[5:]: v for k, v in row.items() if k.startswith("eval/") and k.count("_") == 1}
@@ -339,6 +399,65 @@ class _Run:
             if exp.checkpoint.every and step % exp.checkpoint.every == 0 and step < st.steps:
                 self.save(step)
         self.save(step)
+
+    def _agree(self, step: int) -> None:
+        """Every rank learns whether any rank holds an error or got a stop signal (one small
+        all-reduce a step); then all save ``step`` together and raise: the error (the failing
+        rank's own on the others) or ``Stopped``."""
+        err, self.pending = self.pending, None
+        sig, err = agree(self.signals.got if self.signals is not None else 0, err)
+        if err is None and not sig:
+            return
+        why = f"stopped by {signal.Signals(sig).name} at step {step}" if err is None else f"error at step {step + 1}"
+        saved = self._saved_line(step)
+        if is_main():
+            print(f"{why}: {saved}")
+        if err is not None:
+            raise err
+        raise Stopped(sig, step)
+
+    def _saved_line(self, step: int) -> str:
+        """Save ``step``; -> where it is and how to resume, or why it could not be saved."""
+        try:
+            self.save(step)
+        except Exception as e:  # noqa: BLE001 - the error that brought us here matters more
+            return f"the last good state (step {step}) could not be saved ({type(e).__name__}: {e})"
+        return (f"the last good state (step {step}) is in {self._where(step)}; run the same command again to "
+                "resume (train.resume=auto)")
+
+    def save_after(self, e: BaseException) -> None:
+        """After an error that left the loop without ``_agree``: save the last good state where that
+        is safe, and say where it is (or why there is none)."""
+        step = self.result.step
+        if step == self.last_saved:
+            return
+        last = f"the last checkpoint is {self._where(self.last_saved)}" if self.last_saved >= 0 else "no checkpoint yet"
+        if self.state.updating:
+            print(f"the error came inside the optimizer update of step {step + 1}, so the state is torn: not saved; {last}")
+        elif world() > 1 and not isinstance(e, NonFiniteLoss):
+            print(f"rank {tdist.get_rank()}: {type(e).__name__} after step {step}, which the other ranks may not "
+                  f"share: not saved (a collective save could hang); {last}")
+        else:
+            saved = self._saved_line(step)
+            if is_main():
+                print(saved)
+
+    def _say_skipped(self, row: dict, step: int) -> None:
+        """Print a skipped non-finite step with the sample ids of its batch (every data rank's)."""
+        ids = gather_ids(getattr(self.batches, "batch_ids", None) or [])
+        if is_main():
+            samples = f"; its samples: {', '.join(map(str, ids))}" if ids else ""
+            print(f"step {step + self.stage.offset} skipped: the loss ({row['loss']}) or gradient norm ({row['grad_norm']}) "
+                  f"is not finite{samples}; {self.state.skipped} of {step} steps skipped so far")
+
+    def _check_bad_fraction(self, row: dict, step: int) -> None:
+        t = self.exp.train
+        limit = max(1, int(t.max_bad_fraction * self.stage.steps))
+        if self.state.skipped > limit:
+            raise NonFiniteLoss(
+                f"{self.state.skipped} of {step} steps had a non-finite loss or gradient and were skipped, more than "
+                f"train.max_bad_fraction={t.max_bad_fraction} of the stage's {self.stage.steps} steps allows ({limit}): "
+                "check the samples printed above, lower train.lr, or use train.precision=bf16 or fp32", row)
 
 
 def n_tokens_in(batch: dict) -> int:

@@ -165,6 +165,9 @@ def print_summary(m: dict, run_dir: str | Path) -> None:
         print(f"  {kind:5s} overall  {o['accuracy']:.3f}  (prior {o['prior']:.3f}, n={o['n']})")
         for qt, b in m[kind]["per_type"].items():
             print(f"        {qt:9s} {b['accuracy']:.3f}  (prior {b['prior']:.3f}, n={b['n']})")
+    if "skipped_samples" in m or "skipped_steps" in m:
+        print(f"  skipped: {m.get('skipped_samples', 0)} samples that could not be used (data.on_bad_sample=skip), "
+              f"{m.get('skipped_steps', 0)} steps with a non-finite loss")
     segs = m.get("segments", [])
     took = f"{segs[-1]['wall_seconds']:.0f}s" if segs else f"{m['wall_seconds']:.0f}s"
     if len(segs) > 1:
