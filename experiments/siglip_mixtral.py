@@ -42,6 +42,7 @@ from neva.export import base_params, sources
 from neva.params import flatten
 from neva.parallel import runtime
 from neva.train import lora, loop, qa_eval, report
+from neva.train.threads import pick_threads
 
 DATA = "data/synthetic"
 
@@ -127,7 +128,7 @@ def main(argv: list[str]) -> dict:
     exp = X.parse(argv, base_exp, world_size=world, usage=USAGE)
     if recipe == "llava":
         exp = X.validate(llava_recipe(exp))
-    threads, why_threads = loop.pick_threads(exp.run.threads)
+    threads, why_threads = pick_threads(exp.run.threads)
     if os.environ.get("LOCAL_RANK", "0") == "0":   # one writer per node
         ensure_data(exp)
     torch.manual_seed(exp.train.seed)

@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from train_helpers import Source, params, tiny_cfg
 
 from neva import cli
 from neva import experiment as X
@@ -28,7 +29,7 @@ from neva.data.tokenize import BadSample
 from neva.train import checkpoint as ckpt
 from neva.train import loop
 from neva.train import step as S
-from train_helpers import Source, params, tiny_cfg
+from neva.train.metrics import read_metrics
 
 CFG = tiny_cfg()
 
@@ -217,7 +218,7 @@ def test_non_finite_steps_not_in_a_row_are_named_counted_and_capped(tmp_path, ca
     out = capsys.readouterr().out
     assert "step 2 skipped: the loss (nan)" in out and "its samples: b1-0, b1-1, b1-2, b1-3" in out
     assert "step 4 skipped" in out and "1 of 2 steps skipped so far" in out
-    rows = loop.read_metrics(tmp_path)
+    rows = read_metrics(tmp_path)
     assert [r["skipped"] for r in rows] == [0, 1, 1, 2]
     assert _steps(tmp_path / "checkpoints") == [4]
 
@@ -280,6 +281,7 @@ def test_a_skipped_sample_is_logged_once_and_counted(tmp_path, caplog):
     assert len(loader.skipped) == 1 and loader.stats["skipped"] == 3
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
     import siglip_mixtral as job
+
     from neva.parallel import runtime
     assert job.skipped_samples([loader], runtime.setup(CFG)) == 1
 
@@ -482,7 +484,7 @@ def test_four_ranks_killed_during_a_save_then_preempted_lose_at_most_one_interva
     assert ckpt.latest(ck).name == "step_00000002" and (ck / ".tmp-step_00000003").exists()
 
     p, out = launch("checkpoint.every=100", SLOW_AFTER="4")
-    wait_for(p, lambda: any(r["step"] == 4 for r in loop.read_metrics(run)), "step 4")
+    wait_for(p, lambda: any(r["step"] == 4 for r in read_metrics(run)), "step 4")
     for pid in pids(out):
         os.kill(pid, signal.SIGTERM)
     log = p.communicate(timeout=180)[0]
@@ -495,6 +497,6 @@ def test_four_ranks_killed_during_a_save_then_preempted_lose_at_most_one_interva
     ref = replace(exp, run=replace(exp.run, dir=str(tmp_path / "ref")))
     loop.run(ref, params(CFG), lambda st: Source(CFG, first_seed=1))
     assert loop.run(exp, params(CFG), lambda st: Source(CFG, first_seed=1)).resumed_from.name == "step_00000004"
-    a, b = loop.read_metrics(tmp_path / "ref"), loop.read_metrics(run)
+    a, b = read_metrics(tmp_path / "ref"), read_metrics(run)
     assert [r["step"] for r in b] == list(range(1, 7))
     assert [r["loss"] for r in b] == pytest.approx([r["loss"] for r in a], rel=2e-3)

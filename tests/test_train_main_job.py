@@ -214,7 +214,7 @@ def test_main_job_under_torchrun_and_resumed_in_another_layout(workdir):
 
 
 def test_thread_choice():
-    from neva.train.loop import pick_threads, thread_choice
+    from neva.train.threads import pick_threads, thread_choice
     before = torch.get_num_threads()
     try:
         assert pick_threads(1) == (1, "run.threads=1: 1 thread") and torch.get_num_threads() == 1

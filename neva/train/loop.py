@@ -25,9 +25,6 @@ with the sample ids of its batch; past ``train.max_bad_fraction`` of the stage's
 """
 from __future__ import annotations
 
-import json
-import math
-import os
 import signal
 import time
 from dataclasses import dataclass, field, replace
@@ -45,47 +42,13 @@ from neva.train import checkpoint as ckpt
 from neva.train import lora as lora_mod
 from neva.train import optim
 from neva.train.config import RESUME_WORDS
-from neva.train.faults import StopSignals, Stopped, agree, gather_ids, world
+from neva.train.faults import Stopped, StopSignals, agree, gather_ids, world
+from neva.train.metrics import Metrics
 from neva.train.remat import RematPolicy
 from neva.train.step import NonFiniteLoss, StepSetup, TrainState, init_state, train_step
+from neva.train.threads import pick_threads
 
 Experiment = Any          # neva.experiment.Experiment (above this floor): model, data, train, eval, checkpoint, run
-
-
-def pick_threads(requested: int = 0) -> tuple[int, str]:
-    """Set torch's intra-op threads. -> (threads, why, for the log). 0 = time a small matmul with 1
-    thread and with every core and keep the faster: on a CPU shared with other work, threads that
-    wait on each other at every op barrier can make a step ten times slower than one thread."""
-    if requested > 0:
-        torch.set_num_threads(requested)
-        return requested, f"run.threads={requested}: {requested} thread{'s' * (requested > 1)}"
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    if cores <= 1:
-        torch.set_num_threads(1)
-        return 1, "1 core available: 1 thread"
-    a, b = torch.randn(512, 256), torch.randn(256, 256)
-    seconds = {}
-    for n in (1, cores):
-        torch.set_num_threads(n)
-        for _ in range(3):
-            a @ b
-        t0 = time.perf_counter()
-        for _ in range(20):
-            a @ b
-        seconds[n] = time.perf_counter() - t0
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
-    n, why = thread_choice(cores, seconds[1], seconds[cores], load)
-    torch.set_num_threads(n)
-    return n, why + "; set run.threads=N to choose"
-
-
-def thread_choice(cores: int, t_one: float, t_all: float, load: float) -> tuple[int, str]:
-    """Every core only if it clearly beats one thread (times of the same work); -> (threads, why)."""
-    if t_all < 0.8 * t_one:
-        return cores, f"{cores} cores, {t_one / t_all:.1f}x faster than 1: {cores} threads"
-    if load >= 0.75 * cores:
-        return 1, f"the CPU is busy (load {load:.1f} on {cores} cores): 1 thread"
-    return 1, f"{cores} threads were not faster than 1 here ({t_one / t_all:.2f}x): 1 thread"
 
 
 def is_main() -> bool:
@@ -146,55 +109,6 @@ def make_setup(exp: Experiment, par=None, steps: int | None = None, groups: tupl
     remat = RematPolicy(t.remat, t.remat_layers) if t.remat != "none" else None
     return StepSetup(exp.model, opt.validate(), precision=t.precision, mode=t.mode, remat=remat,
                      max_bad_steps=t.max_bad_steps, prepare=prepare, par=None if par is None or par.single else par)
-
-
-class Metrics:
-    """metrics.jsonl + TensorBoard, written by the main rank only. On resume, rows past the resumed
-    step (written by the run that died) are dropped so the file reads as one clean run."""
-
-    def __init__(self, run_dir: Path, keep_upto: int, tensorboard: bool, main: bool):
-        self.main = main
-        self.path = run_dir / "metrics.jsonl"
-        self.tb = None
-        if not main:
-            return
-        rows = []
-        if keep_upto and self.path.exists():
-            rows = [r for r in map(json.loads, self.path.read_text().splitlines()) if r["step"] <= keep_upto]
-        self.path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-        self._tb_args = (str(run_dir / "tb"), keep_upto + 1 if keep_upto else None) if tensorboard else None
-
-    def _writer(self):
-        """The TensorBoard writer, made at the first row: a stage that trains no step (a finished
-        run started again) adds no empty events file."""
-        if self.tb is None and self._tb_args is not None:
-            logdir, purge = self._tb_args
-            self._tb_args = None
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-                self.tb = SummaryWriter(logdir, purge_step=purge)
-            except ImportError:                                  # tensorboard is optional at run time
-                pass
-        return self.tb
-
-    def write(self, row: dict) -> None:
-        if not self.main:
-            return
-        with open(self.path, "a") as f:
-            f.write(json.dumps(row) + "\n")
-        if self._writer() is not None:
-            for k, v in row.items():
-                if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
-                    self.tb.add_scalar(k if "/" in k else f"train/{k}", v, row["step"])
-
-    def close(self) -> None:
-        if self.tb is not None:
-            self.tb.close()
-
-
-def read_metrics(run_dir: str | Path) -> list[dict]:
-    p = Path(run_dir) / "metrics.jsonl"
-    return [json.loads(line) for line in p.read_text().splitlines()] if p.exists() else []
 
 
 @dataclass

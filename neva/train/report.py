@@ -84,7 +84,7 @@ def plot(run_dir: str | Path) -> Path | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from neva.train.loop import read_metrics
+    from neva.train.metrics import read_metrics
 
     rows = read_metrics(run_dir)
     if not rows:
