@@ -4,7 +4,8 @@
   input_ids      int[B, T]   images already expanded: each image is ``tokens_per_image`` consecutive
                              ``image_token_id``s (as HF's LlavaProcessor does); a video is its frames
   pixel_values   float[N, 3, H, W]  the images (and video frames) in order of appearance, row-major
-                             over the batch; absent or N = 0 for text-only batches
+                             over the batch; absent or N = 0 for text-only batches. An encoder with
+                             towers (kind=fused) takes {tower kind: float[N, 3, H_t, W_t]} instead
   labels         int[B, T]   aligned with input_ids (HF convention), -100 = not trained
   attention_mask int[B, T]   1 = token, 0 = padding (left or right)
   position_ids   int[B, T]   default: 0.. per row (from attention_mask when given)
@@ -20,8 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from neva import comm, llm, projector, vision  # noqa: F401 - importing the parts registers them
-from neva.batch import IGNORE
+from neva import comm, dino, fused, llm, projector, vision  # noqa: F401 - importing the parts registers them
+from neva.batch import IGNORE, Media, media_count, media_map
 from neva.comm import LOCAL, Dist
 from neva.config import ModelConfig
 from neva.loss import LossTerms, cross_entropy_sum, shift_labels
@@ -40,10 +41,11 @@ def init_params(cfg: ModelConfig, seed: int = 0, dtype: torch.dtype = torch.floa
     return init_tree(specs(cfg), seed, dtype)
 
 
-def encode_images(params: dict, cfg: ModelConfig, pixel_values: Tensor, dist: Dist = LOCAL) -> Tensor:
-    """float[N, 3, H, W] -> media embeddings [N, tokens_per_image, D_llm]."""
+def encode_images(params: dict, cfg: ModelConfig, pixel_values: Media, dist: Dist = LOCAL) -> Tensor:
+    """float[N, 3, H, W] (per tower for kind=fused) -> media embeddings [N, tokens_per_image, D_llm]."""
     dtype = params["llm"]["embed"]["w"].dtype
-    feats = ENCODERS[cfg.vision.kind].apply(params["vision"], pixel_values.to(dtype), cfg.vision, dist.part("vision"))
+    pix = media_map(lambda t: t.to(dtype), pixel_values)
+    feats = ENCODERS[cfg.vision.kind].apply(params["vision"], pix, cfg.vision, dist.part("vision"))
     return PROJECTORS[cfg.projector.kind].apply(params["projector"], feats, cfg, dist.part("projector"))
 
 
@@ -111,7 +113,7 @@ def embed_inputs(params: dict, cfg: ModelConfig, nb: dict, dist: Dist = LOCAL) -
     ids, d = nb["input_ids"], dist.part("llm")
     x = llm.embed(params["llm"], ids, d)
     pix = nb.get("pixel_values")
-    n_img = 0 if pix is None else pix.shape[0]
+    n_img = media_count(pix)
     check_media(ids, n_img, cfg)
     if n_img:
         x = splice(x, ids, encode_images(params, cfg, pix, dist), cfg.image_token_id)

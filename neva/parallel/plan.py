@@ -115,7 +115,7 @@ def stage_costs(cfg: ModelConfig, text_tokens: int = 64) -> tuple[float, float]:
     l, v = cfg.llm, cfg.vision
     tokens = cfg.tokens_per_image + text_tokens
     layer = tokens * (2 * l.dim * (l.n_heads + l.n_kv_heads) * l.hd + 3 * l.dim * l.ffn_dim * (l.top_k if l.n_experts else 1))
-    vis = v.layers_used * v.tokens_out * (4 * v.dim * v.dim + 2 * v.dim * v.mlp_dim)
+    vis = sum(t.layers_used * t.tokens_out * (4 * t.dim * t.dim + 2 * t.dim * t.mlp_dim) for t in v.parts)
     head = text_tokens * l.dim * l.vocab_size
     return vis / layer, head / layer
 
@@ -224,7 +224,9 @@ class Plan:
                 if ax is not None and shape[d] % lay.size(ax):
                     problems.append(f"{path} dim {d} ({flat[path].axes[d]}) of size {shape[d]} "
                                     f"does not divide by {ax}={lay.size(ax)}")
-        heads = [("llm", l.n_heads, "n_heads"), ("llm", l.n_kv_heads, "n_kv_heads"), ("vision", v.n_heads, "vision.n_heads")]
+        heads = [("llm", l.n_heads, "n_heads"), ("llm", l.n_kv_heads, "n_kv_heads")]
+        heads += [("vision", t.n_heads, f"vision.{'towers.' + str(i) + '.' if v.towers else ''}n_heads")
+                  for i, t in enumerate(v.parts)]
         reps = self.replicated_parts(specs)
         for part, n, name in heads:
             if part not in reps and lay.tp > 1 and n % lay.tp:
