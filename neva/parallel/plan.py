@@ -19,6 +19,7 @@ layers over pp.
 """
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 import re
@@ -90,14 +91,15 @@ class Layout:
         return Layout(tp=tp, pp=pp, ep=ep, dp=world // (tp * pp * ep), sp=sp)
 
 
-def stage_layers(n_layers: int, pp: int, first_cost: float = 0.0, last_cost: float = 0.0) -> list[range]:
+@functools.lru_cache(maxsize=64)   # every leaf's stage asks; a 32-layer pp4 search tries 4495 splits
+def stage_layers(n_layers: int, pp: int, first_cost: float = 0.0, last_cost: float = 0.0) -> tuple[range, ...]:
     """Contiguous layer ranges per stage minimising the most loaded stage, where each layer costs 1,
     stage 0 also carries ``first_cost`` (vision, projector) and the last ``last_cost`` (LM head)."""
     if pp > n_layers:
         raise ValueError(f"parallel.pp={pp} stages need at least {pp} layers; the LLM has {n_layers}")
     if math.comb(n_layers - 1, pp - 1) > 20000:  # too many splits to try: even
         bounds = [round(i * n_layers / pp) for i in range(pp + 1)]
-        return [range(bounds[i], bounds[i + 1]) for i in range(pp)]
+        return tuple(range(bounds[i], bounds[i + 1]) for i in range(pp))
 
     def key(bounds):
         cost = [bounds[i + 1] - bounds[i] for i in range(pp)]
@@ -106,7 +108,7 @@ def stage_layers(n_layers: int, pp: int, first_cost: float = 0.0, last_cost: flo
         return max(cost), sum(c * c for c in cost)
     splits = ([0, *cuts, n_layers] for cuts in itertools.combinations(range(1, n_layers), pp - 1))
     bounds = min(splits, key=key)
-    return [range(bounds[i], bounds[i + 1]) for i in range(pp)]
+    return tuple(range(bounds[i], bounds[i + 1]) for i in range(pp))
 
 
 def stage_costs(cfg: ModelConfig, text_tokens: int = 64) -> tuple[float, float]:
@@ -182,7 +184,7 @@ class Plan:
         return out
 
     # --------------------------------------------------------------------------------- stages
-    def stages(self, cfg: ModelConfig) -> list[range]:
+    def stages(self, cfg: ModelConfig) -> tuple[range, ...]:
         return stage_layers(cfg.llm.n_layers, self.layout.pp, *stage_costs(cfg))
 
     def stage_of(self, path: str, cfg: ModelConfig) -> int:
