@@ -129,5 +129,6 @@ def print_summary(m: dict, run_dir: str | Path) -> None:
         print(f"  {kind:5s} overall  {o['accuracy']:.3f}  (prior {o['prior']:.3f}, n={o['n']})")
         for qt, b in m[kind]["per_type"].items():
             print(f"        {qt:9s} {b['accuracy']:.3f}  (prior {b['prior']:.3f}, n={b['n']})")
-    print(f"done in {m['wall_seconds']:.0f}s; outputs in {run_dir}/ (metrics.json, metrics.jsonl, loss_curve.png, "
-          f"tb/, checkpoints/, hf/, samples.jsonl)")
+    names = ("metrics.json", "metrics.jsonl", "loss_curve.png", "tb/", "checkpoints/", "hf/", "samples.jsonl")
+    there = [n for n in names if (Path(run_dir) / n).exists()]     # hf/ only when exported
+    print(f"done in {m['wall_seconds']:.0f}s; outputs in {run_dir}/ ({', '.join(there)})")
