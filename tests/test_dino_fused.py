@@ -94,9 +94,9 @@ def test_dino_pixels_match_the_hf_processor():
 
 # --------------------------------------------------------------------------------- the fused encoder
 def fused_cfg(**tower_kw) -> ModelConfig:
-    """tiny DINOv2 (1 register, 5x5 table resampled to 4x4) + tiny SigLIP, both 4x4 patches -> a
+    """tiny one-layer DINOv2 (1 register, 5x5 table resampled to 4x4) + SigLIP, both 4x4 patches -> a
     one-layer Llama (the towers are what these tests are about)."""
-    towers = (tiny_vision("dino", n_layers=2, **tower_kw), tiny_vision("siglip", n_layers=2))
+    towers = (tiny_vision("dino", n_layers=1, **tower_kw), tiny_vision("siglip", n_layers=1))
     return ModelConfig(vision=fuse(*towers), llm=tiny_llm("llama2", n_layers=1, n_kv_heads=4),
                        image_token_id=255).validate()
 
