@@ -26,6 +26,7 @@ def test_the_five_notebooks_are_there_without_outputs():
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
 def test_notebook_runs_top_to_bottom(path, tmp_path, monkeypatch):
     monkeypatch.setenv("NEVA_RUN", str(tmp_path / "no_run"))
+    monkeypatch.setenv("TMPDIR", str(tmp_path))          # what the notebooks generate goes where pytest cleans
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
     monkeypatch.setenv("MPLBACKEND", "module://matplotlib_inline.backend_inline")
     nb = nbformat.read(path, as_version=4)
