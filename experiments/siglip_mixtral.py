@@ -120,14 +120,26 @@ def ensure_data(exp: X.Experiment) -> None:
     print("  " + ", ".join(f"{k}={v}" for k, v in counts.items()))
 
 
-def main(argv: list[str]) -> dict:
+def check_export(exp: X.Experiment) -> None:
+    """An HF export that cannot happen is an error now, not after training."""
+    if exp.checkpoint.export_hf:
+        from neva.hf.translate import llava_json
+        try:
+            llava_json(exp.model, "float32")
+        except ValueError as e:
+            raise X.ConfigError(str(e)) from None
+
+
+def main(argv: list[str], base_exp: X.Experiment | None = None) -> dict:
+    """The job on ``base_exp`` (default ``base()``) with the command line's overrides."""
     t_start = time.time()
     recipe, argv = split_recipe(argv)
-    base_exp = base()
+    base_exp = base_exp or base()
     world = int(os.environ.get("WORLD_SIZE", "1"))
     exp = X.parse(argv, base_exp, world_size=world, usage=USAGE)
     if recipe == "llava":
         exp = X.validate(llava_recipe(exp))
+    check_export(exp)
     threads, why_threads = pick_threads(exp.run.threads)
     if os.environ.get("LOCAL_RANK", "0") == "0":   # one writer per node
         ensure_data(exp)

@@ -5,10 +5,11 @@ frozen dataclasses, JSON save and load, and the ``--help`` listing. Knows nothin
     save(cfg, "runs/x/config.json"); assert load("runs/x/config.json", type(cfg)) == cfg
 
 Values are parsed by the field's type (int, float, bool, str, None, tuples as ``a,b``); an unknown key
-is an error naming the closest one. A field typed ``Any`` may hold any dataclass: ``save`` records its
-class so ``load`` rebuilds it. ``help_text`` lists every key with its value, the values its type takes
-and the ``# comment`` written after its field in the class (``field_docs``): that comment is the key's
-documentation, so write one for every field.
+is an error naming the closest one. A tuple of dataclasses is indexed: ``model.vision.towers.1.select_layer=-2``.
+A field typed ``Any`` may hold any dataclass: ``save`` records its class so ``load`` rebuilds it.
+``help_text`` lists every key with its value, the values its type takes and the ``# comment`` written
+after its field in the class (``field_docs``): that comment is the key's documentation, so write one
+for every field.
 """
 from __future__ import annotations
 
@@ -48,7 +49,14 @@ def keys(cfg: Any, prefix: str = "") -> list[str]:
         out.append(k)
         if is_dataclass(v):
             out += keys(v, k + ".")
+        for i, x in _items(v):
+            out += keys(x, f"{k}.{i}.")
     return out
+
+
+def _items(v: Any) -> list[tuple[int, Any]]:
+    """The dataclasses of a tuple field, indexed (none for any other value)."""
+    return list(enumerate(v)) if isinstance(v, tuple) and v and all(is_dataclass(x) for x in v) else []
 
 
 def parse_value(text: str, tp: Any, key: str) -> Any:
@@ -106,6 +114,13 @@ def _set(cfg: Any, path: list[str], text: str, full: str, root: Any) -> Any:
     cur = getattr(cfg, name)
     if len(path) == 1:
         return replace(cfg, **{name: parse_value(text, tp, full)})
+    items = _items(cur)
+    if items and len(path) > 2:           # a tuple of sections, by index
+        i = int(path[1]) if path[1].isdigit() else -1
+        if not 0 <= i < len(items):
+            raise ConfigError(f"{full}: {name} holds {len(items)} sections; index them 0..{len(items) - 1}")
+        new = _set(cur[i], path[2:], text, full, root)
+        return replace(cfg, **{name: cur[:i] + (new,) + cur[i + 1:]})
     if cur is None:                       # an optional section: start from its defaults
         cur = _optional_section(tp)
         if cur is None:
@@ -284,6 +299,10 @@ def entries(cfg: Any, prefix: str = "") -> list[Entry]:
                 out.append(Entry(k, "none", kind(tp), docs.get(f.name, doc), prefix[:-1]))
             out.append(Entry(k, "", type(sub).__name__, doc, prefix[:-1], is_section=True))
             out += entries(sub, k + ".")
+        elif _items(v):                                  # a tuple of sections, by index
+            for i, x in _items(v):
+                out.append(Entry(f"{k}.{i}", "", type(x).__name__, docs.get(f.name, ""), prefix[:-1], is_section=True))
+                out += entries(x, f"{k}.{i}.")
         else:
             out.append(Entry(k, to_text(v), kind(tp), docs.get(f.name, ""), prefix[:-1]))
     return out

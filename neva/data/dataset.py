@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from neva.batch import Media, media_cat, media_count, media_map
 from neva.data import images as imaging
 from neva.data import templates, tokenizers
 from neva.data.config import DataConfig
@@ -47,7 +48,7 @@ class Sample:
     id: str
     input_ids: torch.Tensor | None = None          # int64[T]
     labels: torch.Tensor | None = None             # int64[T]
-    pixel_values: torch.Tensor | None = None       # float32[n_media_images, 3, H, W]
+    pixel_values: Media | None = None              # float32[n_media_images, 3, H, W] (per tower: a dict)
     skipped: str | None = None
     error: str | None = None                       # on_bad_sample=error: why it failed (the Loader raises it)
     truncated: int = 0
@@ -195,23 +196,23 @@ class NevaDataset(torch.utils.data.Dataset):
     def encoded(self, i: int) -> Encoded:
         return self._encode(self.records[i], self.frames[i])
 
-    def media(self, i: int, n_spans: int | None = None) -> torch.Tensor:
-        """float32[N, 3, H, W]: the images and video frames of the first ``n_spans`` media tags."""
+    def media(self, i: int, n_spans: int | None = None) -> Media:
+        """float32[N, 3, H, W] (per tower for kind=fused): the images and video frames of the first
+        ``n_spans`` media tags."""
         rec, src = self.records[i], self.sources[self.source_of[i]]
         tags = rec.media_tags()[:n_spans]
         out, ii, vi = [], 0, 0
         for tag in tags:
             if tag == "<image>":
                 img = imaging.open_image(src.image_root / rec.images[ii], rec.name)
-                out.append(imaging.process(img, self.spec)[None])
+                out.append(media_map(lambda t: t[None], imaging.process(img, self.spec)))
                 ii += 1
             else:
                 fr = src.video.frames(rec.videos[vi], self.cfg.num_frames, self.cfg.splice_single_frame, rec.name)
-                out.append(torch.stack([imaging.process(Image.fromarray(f), self.spec) for f in fr]))
+                out.append(media_cat([media_map(lambda t: t[None], imaging.process(Image.fromarray(f), self.spec))
+                                      for f in fr]))
                 vi += 1
-        if not out:
-            return torch.zeros(0, 3, self.spec.size, self.spec.size)
-        return torch.cat(out)
+        return media_cat(out) if out else imaging.empty(self.spec)
 
     def __getitem__(self, i: int) -> Sample:
         rec = self.records[i]
@@ -219,8 +220,8 @@ class NevaDataset(torch.utils.data.Dataset):
             enc = self.encoded(i)
             pix = self.media(i, len(enc.spans))
             want = sum(s.frames for s in enc.spans)
-            if pix.shape[0] != want:
-                raise BadSample(f"{rec.name}: decoded {pix.shape[0]} media images where the tokens hold {want}")
+            if media_count(pix) != want:
+                raise BadSample(f"{rec.name}: decoded {media_count(pix)} media images where the tokens hold {want}")
         except LOAD_ERRORS as e:
             if self.cfg.on_bad_sample == "error":
                 raise
@@ -230,7 +231,7 @@ class NevaDataset(torch.utils.data.Dataset):
 
     def prompt(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         """For generation: sample i's turns up to (not including) its last gpt reply, rendered with the
-        open assistant prefix -> (input_ids int64[T], pixel_values float32[N, 3, H, W]). The reply it
+        open assistant prefix -> (input_ids int64[T], pixel_values float32[N, 3, H, W] or per tower). The reply it
         should produce is ``records[i].turns[-1].text`` (``records[i].meta`` has ``answer``/``qtype``)."""
         rec = self.records[i]
         turns = list(rec.turns)

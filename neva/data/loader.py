@@ -27,6 +27,7 @@ import torch
 from neva.data.collate import collate
 from neva.data.config import DataConfig
 from neva.data.dataset import LOAD_ERRORS, NevaDataset, Sample, named
+from neva.data.images import empty
 from neva.data.tokenize import BadSample
 from neva.data.packing import batched_padding_fraction, pack, padding_fraction
 from neva.data.sampler import ResumableSampler, SamplerState, _Steps
@@ -75,7 +76,7 @@ class Loader:
         self.batch_ids: list[str] = []
         pad_id = ds.tok.pad_token_id if ds.tok.pad_token_id is not None else 0
         pad_to = cfg.max_seq_len if (cfg.packing or cfg.pad_to_max_seq_len) else None
-        self.collate = partial(collate, packed=cfg.packing, pad_to=pad_to, pad_id=pad_id, image_size=ds.spec.size)
+        self.collate = partial(collate, packed=cfg.packing, pad_to=pad_to, pad_id=pad_id, empty=empty(ds.spec))
         if cfg.packing:
             log.info("packing %d samples into %d rows of %d (%s): %.1f%% padding", len(ds), len(self.rows),
                      cfg.max_seq_len, cfg.packing_algorithm, 100 * padding_fraction(ds.lengths, self.rows,
@@ -174,7 +175,7 @@ def one_pass(ds: NevaDataset, cfg: DataConfig, *, rank: int = 0, world: int = 1,
     pad_id = ds.tok.pad_token_id if ds.tok.pad_token_id is not None else 0
     for rows in steps:
         batch = collate([[ds[i] for i in row] for row in rows], packed=False, pad_to=pad_to, pad_id=pad_id,
-                        image_size=ds.spec.size)
+                        empty=empty(ds.spec))
         batch.pop("_stats")
         if "input_ids" in batch:
             yield batch

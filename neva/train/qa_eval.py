@@ -12,6 +12,7 @@ from collections import Counter, defaultdict
 
 import torch
 
+from neva.batch import media_cat, media_count
 from neva.config import ModelConfig
 from neva.generate import Sampling, generate
 from neva.progress import Progress
@@ -53,8 +54,8 @@ def answer_all(params: dict, cfg: ModelConfig, ds, *, batch_size: int = 32, max_
             ids, px = ds.prompt(i)
             prompts.append(ids.tolist())
             pix.append(px)
-        pv = torch.cat(pix) if pix else None
-        res = generate(params, cfg, prompts, pv if pv is not None and pv.shape[0] else None,
+        pv = media_cat(pix) if pix else None
+        res = generate(params, cfg, prompts, pv if media_count(pv) else None,
                        Sampling(max_new_tokens=max_new_tokens, stop_strings=stops), tokenizer=ds.tok)
         for i, text in zip(idx, res["text"]):
             rec = ds.records[i]

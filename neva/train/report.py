@@ -13,8 +13,9 @@ from neva.train import qa_eval
 def describe_model(cfg: ModelConfig, params: dict) -> str:
     v, l = cfg.vision, cfg.llm
     moe = f", {l.n_experts} experts top-{l.top_k}" if l.n_experts else ""
-    return (f"{v.kind} {v.n_layers}x{v.dim} ({v.image_size}px / {v.patch_size}px patches = {cfg.tokens_per_image} "
-            f"tokens) -> {cfg.projector.kind} -> {l.kind} {l.n_layers}x{l.dim}{moe}, vocab {l.vocab_size}; "
+    vit = " + ".join(f"{t.kind} {t.n_layers}x{t.dim} ({t.image_size}px / {t.patch_size}px patches)" for t in v.parts)
+    return (f"{vit + ' fused' if v.towers else vit} = {cfg.tokens_per_image} tokens per image "
+            f"-> {cfg.projector.kind} -> {l.kind} {l.n_layers}x{l.dim}{moe}, vocab {l.vocab_size}; "
             f"{count(params) / 1e6:.2f}M parameters ({count(params['llm']['embed']) / 1e6:.2f}M in the embedding)")
 
 
