@@ -4,7 +4,8 @@
   input_ids      int[B, T]   images already expanded: each image is ``tokens_per_image`` consecutive
                              ``image_token_id``s (as HF's LlavaProcessor does); a video is its frames
   pixel_values   float[N, 3, H, W]  the images (and video frames) in order of appearance, row-major
-                             over the batch; absent or N = 0 for text-only batches
+                             over the batch; absent or N = 0 for text-only batches. An encoder with
+                             towers (kind=fused) takes {tower kind: float[N, 3, H_t, W_t]} instead
   labels         int[B, T]   aligned with input_ids (HF convention), -100 = not trained
   attention_mask int[B, T]   1 = token, 0 = padding (left or right)
   position_ids   int[B, T]   default: 0.. per row (from attention_mask when given)
@@ -20,8 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from neva import comm, llm, projector, vision  # noqa: F401 - importing the parts registers them
-from neva.batch import IGNORE
+from neva import comm, dino, fused, llm, projector, vision  # noqa: F401 - importing the parts registers them
+from neva.batch import IGNORE, Media, media_count, media_map
 from neva.comm import LOCAL, Dist
 from neva.config import ModelConfig
 from neva.loss import LossTerms, cross_entropy_sum, shift_labels
@@ -40,15 +41,29 @@ def init_params(cfg: ModelConfig, seed: int = 0, dtype: torch.dtype = torch.floa
     return init_tree(specs(cfg), seed, dtype)
 
 
-def encode_images(params: dict, cfg: ModelConfig, pixel_values: Tensor, dist: Dist = LOCAL) -> Tensor:
-    """float[N, 3, H, W] -> media embeddings [N, tokens_per_image, D_llm]."""
+def encode_images(params: dict, cfg: ModelConfig, pixel_values: Media, dist: Dist = LOCAL) -> Tensor:
+    """float[N, 3, H, W] (per tower for kind=fused) -> media embeddings [N, tokens_per_image, D_llm]."""
     dtype = params["llm"]["embed"]["w"].dtype
-    feats = ENCODERS[cfg.vision.kind].apply(params["vision"], pixel_values.to(dtype), cfg.vision, dist.part("vision"))
+    pix = media_map(lambda t: t.to(dtype), pixel_values)
+    feats = ENCODERS[cfg.vision.kind].apply(params["vision"], pix, cfg.vision, dist.part("vision"))
     return PROJECTORS[cfg.projector.kind].apply(params["projector"], feats, cfg, dist.part("projector"))
+
+
+def per_example(t: Tensor) -> bool:
+    """True inside ``torch.func.vmap`` (per-example gradients): values are not concrete there, so the
+    checks that read them are skipped and no step may pick rows by value (shapes must not depend on data)."""
+    ft = torch._C._functorch
+    while ft.is_functorch_wrapped_tensor(t):       # grad wraps too: look through every level for a vmap one
+        if ft.is_batchedtensor(t):
+            return True
+        t = ft.get_unwrapped(t)
+    return False
 
 
 def check_media(ids_bt: Tensor, n_images: int, cfg: ModelConfig) -> None:
     """Raise unless the image tokens of each sample come in whole images and match pixel_values."""
+    if per_example(ids_bt):
+        return
     per = cfg.tokens_per_image
     counts = (ids_bt == cfg.image_token_id).sum(1).tolist()
     for b, c in enumerate(counts):
@@ -63,8 +78,12 @@ def check_media(ids_bt: Tensor, n_images: int, cfg: ModelConfig) -> None:
 def splice(x_btd: Tensor, ids_bt: Tensor, media_nkd: Tensor, image_token_id: int) -> Tensor:
     """Replace the embeddings at image-token positions by the media embeddings, in order."""
     B, T, D = x_btd.shape
-    pos = (ids_bt.reshape(-1) == image_token_id).nonzero()[:, 0]
-    return x_btd.reshape(B * T, D).index_copy(0, pos, media_nkd.reshape(-1, D).to(x_btd.dtype)).view(B, T, D)
+    is_img = ids_bt.reshape(-1) == image_token_id
+    media = media_nkd.reshape(-1, D).to(x_btd.dtype)
+    if per_example(ids_bt):    # no nonzero under vmap: image token j takes media row (images before it)
+        rows = media[(is_img.long().cumsum(0) - 1).clamp(0, max(media.shape[0] - 1, 0))]
+        return torch.where(is_img[:, None], rows, x_btd.reshape(B * T, D)).view(B, T, D)
+    return x_btd.reshape(B * T, D).index_copy(0, is_img.nonzero()[:, 0], media).view(B, T, D)
 
 
 def _pad_to(t: Tensor | None, T: int, value) -> Tensor | None:
@@ -111,7 +130,7 @@ def embed_inputs(params: dict, cfg: ModelConfig, nb: dict, dist: Dist = LOCAL) -
     ids, d = nb["input_ids"], dist.part("llm")
     x = llm.embed(params["llm"], ids, d)
     pix = nb.get("pixel_values")
-    n_img = 0 if pix is None else pix.shape[0]
+    n_img = media_count(pix)
     check_media(ids, n_img, cfg)
     if n_img:
         x = splice(x, ids, encode_images(params, cfg, pix, dist), cfg.image_token_id)
@@ -133,7 +152,10 @@ def trunk(params: dict, cfg: ModelConfig, nb: dict, dist: Dist = LOCAL, *, x: Te
     if loss:
         tgt = shift_labels(nb["labels"], nb.get("segment_ids"))
         sel = tgt != IGNORE
-        ce, n = cross_entropy_sum(llm.head(params["llm"], x, cfg.llm, d, rows_bt=sel), tgt[sel], d), sel.sum()
+        if per_example(tgt):   # the head on every row; the CE skips IGNORE targets
+            ce, n = cross_entropy_sum(llm.head(params["llm"], x, cfg.llm, d).flatten(0, 1), tgt.flatten(), d), sel.sum()
+        else:                  # the head only where a label is: most rows of a VLM batch are prompt and image
+            ce, n = cross_entropy_sum(llm.head(params["llm"], x, cfg.llm, d, rows_bt=sel), tgt[sel], d), sel.sum()
     return x, LossTerms(ce, n, aux, z)
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from neva.data.progress import bar as progress_bar
+from neva.progress import Progress
 from neva.data.shapes import BACKGROUND, COLOURS, KINDS, Shape, draw_shape, rng_for
 
 DIRECTIONS = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
@@ -75,7 +75,7 @@ def motion_record(split: str, i: int, facts: dict, rng: np.random.Generator) -> 
 
 def write_videos(out: Path, *, seed: int, n_train: int, n_eval: int, frames: int, size: int,
                  progress: bool = False) -> dict:
-    bar = progress_bar(n_train + n_eval, "clips", progress)
+    bar = Progress(n_train + n_eval, "write clips", unit="clip", on=progress, leave=False)
     with tarfile.open(out / "videos.tar", "w", format=tarfile.USTAR_FORMAT) as tar:
         for split, n in (("video_train", n_train), ("video_eval", n_eval)):
             rows = []
