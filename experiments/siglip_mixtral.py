@@ -180,18 +180,18 @@ def main(argv: list[str], base_exp: X.Experiment | None = None) -> dict:
         loaders.append(loader)
         return loader
 
-    def eval_fn(p: dict, step: int) -> dict:
-        full = par.gather(p)                       # evaluation runs on rank 0, on the whole model
-        return report.eval_rows(full, cfg, eval_sets, priors, exp, limit=exp.eval.max_samples or 200) if par.main else {}
+    def eval_fn(p: dict, step: int) -> dict:      # every rank generates with its shard; the row is rank 0's
+        return report.eval_rows(p, cfg, eval_sets, priors, exp, limit=exp.eval.max_samples or 200, par=par)
 
     from_hf = exp.model.vision.from_pretrained or exp.model.llm.from_pretrained
     res = loop.run(exp, params, batches_for, par=par, eval_fn=eval_fn, sources=sources(exp) if from_hf else None)
-    final = par.gather(loop.plain_params(exp, res.state))
+    plain = loop.plain_params(exp, res.state)
+    final = par.gather(plain)                      # for the export, on rank 0
     skipped = skipped_samples(loaders, par)
     t_train = time.time() - t_start
+    metrics = report.final_eval(plain, cfg, eval_sets, priors, exp, par=par)   # under the plan, as during training
     if not par.main:
         return {}
-    metrics = report.final_eval(final, cfg, eval_sets, priors, exp)
     metrics.update(recipe=recipe, seed=t.seed, steps=t.steps, pretrain_steps=t.pretrain_steps,
                    train_seconds=round(t_train, 1), precision=t.precision,
                    params=sum(v.numel() for v in flatten(final).values()),

@@ -285,6 +285,19 @@ def all_reduce_(x: Tensor, group: Group, op: str = "sum") -> Tensor:
     return x
 
 
+def all_gather_nograd(x: Tensor, group: Group, dim: int = 0) -> Tensor:
+    """Every rank's ``x`` concatenated along ``dim`` in rank order (values only: a vocab-sharded
+    logits row made whole for sampling)."""
+    return x if group is None else _all_gather(x.detach(), dim, group)
+
+
+def broadcast_(x: Tensor, group: Group, src: int = 0) -> Tensor:
+    """In place, no autograd: ``x`` as global rank ``src`` holds it, on every rank of ``group``."""
+    if group is not None:
+        tdist.broadcast(x, src=src, group=group)
+    return x
+
+
 def all_reduce_nograd(x: Tensor, group: Group, op: str = "sum") -> Tensor:
     """Out-of-place all-reduce on a detached copy (values only, e.g. softmax max, token counts)."""
     if group is None:

@@ -6,16 +6,24 @@ the model's own embed-and-splice path in the prefill. Each layer's cache is prea
 ``{"k", "v": [B, KV, T_prompt + max_new_tokens, hd]}`` and written in place by the attention, so a
 decode step costs one token per row. Logits processors run in transformers' order (repetition
 penalty, temperature, top-k, top-p), so greedy decoding matches ``generate(do_sample=False)``.
+
+Under a parallel plan (``dist``: tp, ep, dp; not pp) every rank runs the same batch on its shard of
+the params: the cache holds the rank's kv heads, MoE layers dispatch each step's tokens to the ranks
+that own their experts, the vocab-sharded logits are gathered whole, and rank 0's choice of each
+token is every rank's. Sequence parallelism is off (a decode step is one token per row). A server
+calls ``on_plan`` on every rank: rank 0's request is broadcast, every rank generates, rank 0 gets
+the answer; ``follow`` is the loop of the other ranks, ``release`` ends it.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
+import torch.distributed as tdist
 from torch import Tensor
 
-from neva import llm, model
+from neva import comm, llm, model
 from neva.batch import Media
 from neva.comm import LOCAL, Dist
 from neva.config import ModelConfig
@@ -54,8 +62,8 @@ def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[Tensor, Tensor]:
 
 
 def init_cache(cfg: ModelConfig, B: int, S: int, dtype: torch.dtype, dist: Dist = LOCAL) -> dict:
-    """{layer: {"k", "v": zeros [B, KV/tp, S, hd]}} for every layer."""
-    kv = cfg.llm.n_kv_heads // dist.tp_size
+    """{layer: {"k", "v": zeros [B, KV/tp, S, hd]}} for every layer: this rank's kv heads."""
+    kv = cfg.llm.n_kv_heads // dist.part("llm").tp_size
     shape = (B, kv, S, cfg.llm.hd)
     return {i: {"k": torch.zeros(shape, dtype=dtype), "v": torch.zeros(shape, dtype=dtype)}
             for i in range(cfg.llm.n_layers)}
@@ -91,13 +99,19 @@ def _next(logits_bv: Tensor, seen_bt: Tensor, s: Sampling, gen: torch.Generator)
 
 def _forward(params: dict, cfg: ModelConfig, x_btd: Tensor, pos_bt: Tensor, q_slots_t: Tensor, kv_valid: Tensor,
              cache: dict, cache_pos: int, dist: Dist) -> Tensor:
-    """The trunk on embeddings ``x`` at cache slots ``q_slots`` -> logits at the last slot [B, V]."""
-    lc = cfg.llm
+    """The trunk on embeddings ``x`` at cache slots ``q_slots`` -> logits at the last slot [B, V]
+    (whole on every tp rank)."""
+    lc, d = cfg.llm, dist.part("llm")
     T = x_btd.shape[1]
     ctx = llm.context(lc, pos_bt, x_btd.dtype, k_valid_bs=kv_valid, q_slots_t=q_slots_t,
                       valid_bt=kv_valid[:, cache_pos:cache_pos + T], cache=cache, cache_pos=cache_pos)
-    h, _, _ = llm.layers(params["llm"], x_btd, ctx, lc, dist, range(lc.n_layers), moe_dispatch=cfg.moe_dispatch)
-    return llm.head(params["llm"], h[:, -1:], lc, dist)[:, 0].float()
+    h, _, _ = llm.layers(params["llm"], x_btd, ctx, lc, d, range(lc.n_layers), moe_dispatch=cfg.moe_dispatch)
+    return comm.all_gather_nograd(llm.head(params["llm"], h[:, -1:], lc, d)[:, 0].float(), d.tp, dim=-1)
+
+
+def _world(dist: Dist):
+    """The group every rank of a plan is in (None for one process)."""
+    return tdist.group.WORLD if any(g is not None for g in (dist.tp, dist.ep, dist.dp, dist.data)) else None
 
 
 @torch.no_grad()
@@ -106,12 +120,17 @@ def generate(params: dict, cfg: ModelConfig, prompts: list[list[int]], pixel_val
     """Continue each prompt (token ids, image tokens expanded; ``pixel_values`` float[N, 3, H, W] for
     all images and video frames of all prompts in order, per tower for kind=fused). -> {"tokens": [[new ids] per prompt],
     "text": [decoded new text] (with a tokenizer, cut at a stop string), "finish": ["eos" | "stop" |
-    "length"]}. Stop strings need ``tokenizer`` (anything with ``decode(ids)``)."""
+    "length"]}. Stop strings need ``tokenizer`` (anything with ``decode(ids)``).
+
+    Under a plan, every rank calls it at once with the same arguments and ``params`` its shard."""
     s = sampling.validate()
     if s.stop_strings and tokenizer is None:
         raise ValueError("stop_strings need a tokenizer to decode the generated text")
-    if dist.tp is not None:
-        raise NotImplementedError("generation under tensor parallelism is not wired yet; run it with tp=1")
+    if dist.pp is not None:
+        raise NotImplementedError("generation under pipeline parallelism is not wired: generate with "
+                                  "parallel.pp=1 (tp, ep and dp work), or gather the model (Parallel.gather) first")
+    dist = replace(dist, sp=False)          # one token per row per step: no sequence to split
+    world = _world(dist)
     lc = cfg.llm
     pad = lc.pad_id if lc.pad_id is not None else (lc.eos_id if lc.eos_id is not None else 0)
     ids, am = left_pad(prompts, pad)
@@ -134,7 +153,9 @@ def generate(params: dict, cfg: ModelConfig, prompts: list[list[int]], pixel_val
     last_pos = pos[:, -1:]
     for i in range(s.max_new_tokens):
         logits[:, cfg.image_token_id] = float("-inf")        # a placeholder is never a real answer
-        tok = _next(logits, seen, s, gen)
+        # ep ranks compute the same rows inside differently shaped expert matmuls, so their logits
+        # may differ in the last bit: rank 0's token is everyone's, and every rank stops together
+        tok = comm.broadcast_(_next(logits, seen, s, gen), world)
         tok = torch.where(done, torch.full_like(tok, pad), tok)
         out, seen = torch.cat([out, tok[:, None]], 1), torch.cat([seen, tok[:, None]], 1)
         for b in range(B):
@@ -160,3 +181,54 @@ def generate(params: dict, cfg: ModelConfig, prompts: list[list[int]], pixel_val
                     txt = txt[:txt.index(st)]
             text.append(txt)
     return {"tokens": tokens, "text": text, "finish": finish}
+
+
+# ------------------------------------------------------------------------- every rank of a plan
+_STOP = "stop"
+
+
+def _share(par, msg):
+    """Rank 0's ``msg`` (any picklable object) on every rank of ``par``."""
+    box = [msg if par.main else None]
+    tdist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def on_plan(par, params: dict, prompts: list[list[int]] | None = None, pixel_values: Media | None = None,
+            sampling: Sampling = Sampling(), tokenizer: Any = None) -> dict | None:
+    """``generate`` under the plan of ``par`` (a ``neva.parallel.runtime.Parallel``), called on every
+    rank at once with ``params`` its shard (``par.shard(full)`` or ``par.localize(hf.load(...,
+    shard=par.hf_slices))``): rank 0's prompts, pixel_values and sampling are broadcast (the other
+    ranks' are ignored), every rank generates, and rank 0 gets generate's dict (None elsewhere). One
+    process: ``generate``. ``tokenizer``: each rank's own (stop strings are checked on every rank)."""
+    if par.single:
+        return generate(params, par.cfg, prompts, pixel_values, sampling, tokenizer)
+    msg = _share(par, ("generate", prompts, pixel_values, sampling))
+    if msg == _STOP:
+        raise RuntimeError("on_plan: rank 0 sent release() while this rank asked to generate; ranks > 0 "
+                           "wait for rank 0's requests with follow()")
+    return _answer(par, params, msg, tokenizer)
+
+
+def _answer(par, params: dict, msg: tuple, tokenizer: Any) -> dict | None:
+    _, prompts, pixel_values, sampling = msg
+    out = generate(params, par.cfg, prompts, pixel_values, sampling, tokenizer, par.dist)
+    return out if par.main else None
+
+
+def follow(par, params: dict, tokenizer: Any = None) -> int:
+    """The loop of every rank but 0 while rank 0 serves: take part in each ``on_plan`` call rank 0
+    makes, until rank 0 calls ``release``. -> the number of requests served."""
+    if par.main:
+        raise RuntimeError("follow() is for ranks > 0; rank 0 calls on_plan() per request and release() at the end")
+    n = 0
+    while (msg := _share(par, None)) != _STOP:
+        _answer(par, params, msg, tokenizer)
+        n += 1
+    return n
+
+
+def release(par) -> None:
+    """Rank 0: end the ``follow`` loops of the other ranks (a server shutting down)."""
+    if not par.single:
+        _share(par, _STOP)

@@ -13,6 +13,7 @@ from collections import Counter, defaultdict
 import torch
 
 from neva.batch import media_cat, media_count
+from neva.comm import LOCAL, Dist
 from neva.config import ModelConfig
 from neva.generate import Sampling, generate
 from neva.progress import Progress
@@ -40,9 +41,10 @@ def prior_answers(counts: dict[str, Counter]) -> dict[str, str]:
 
 @torch.no_grad()
 def answer_all(params: dict, cfg: ModelConfig, ds, *, batch_size: int = 32, max_new_tokens: int = 8,
-               limit: int = 0, progress: bool = False) -> list[dict]:
+               limit: int = 0, progress: bool = False, dist: Dist = LOCAL) -> list[dict]:
     """Greedy answers to every record of ``ds`` (a ``neva.data.NevaDataset`` of held-out questions).
-    -> [{"id", "qtype", "question", "answer", "pred", "correct"}]."""
+    -> [{"id", "qtype", "question", "answer", "pred", "correct"}]. Under a plan (``dist``, ``params``
+    this rank's shard) every rank calls it on the same ``ds`` and gets the same answers."""
     n = len(ds) if not limit else min(limit, len(ds))
     stops = tuple(s for s in ds.stop_strings() if s)
     out = []
@@ -56,7 +58,7 @@ def answer_all(params: dict, cfg: ModelConfig, ds, *, batch_size: int = 32, max_
             pix.append(px)
         pv = media_cat(pix) if pix else None
         res = generate(params, cfg, prompts, pv if media_count(pv) else None,
-                       Sampling(max_new_tokens=max_new_tokens, stop_strings=stops), tokenizer=ds.tok)
+                       Sampling(max_new_tokens=max_new_tokens, stop_strings=stops), tokenizer=ds.tok, dist=dist)
         for i, text in zip(idx, res["text"]):
             rec = ds.records[i]
             ref = rec.meta.get("answer", [t.text for t in rec.turns if t.role == "assistant"][-1])

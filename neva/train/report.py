@@ -5,6 +5,7 @@ import json
 from pathlib import Path
 
 
+from neva.comm import LOCAL, Dist
 from neva.config import ModelConfig
 from neva.params import count
 from neva.train import qa_eval
@@ -33,36 +34,58 @@ def eval_sets(exp, cfg: ModelConfig, tok) -> dict:
     return out
 
 
-def eval_rows(params: dict, cfg: ModelConfig, sets: dict, priors: dict, exp, limit: int) -> dict:
-    """Accuracy on the first ``limit`` questions of each set, for a metrics row during training."""
+def under_plan(params: dict, par) -> tuple[dict | None, Dist]:
+    """(params, Dist) that evaluation generates with on this rank: under a plan (``par``; ``params``
+    this rank's shard) the shard and the plan's Dist, so no rank holds the whole model; under a
+    pipeline (generation runs without pp) the model gathered on rank 0 (None elsewhere) and LOCAL."""
+    if par is None or par.single:
+        return params, LOCAL
+    if par.layout.pp > 1:
+        return par.gather(params), LOCAL
+    return params, par.dist
+
+
+def eval_rows(params: dict, cfg: ModelConfig, sets: dict, priors: dict, exp, limit: int, par=None) -> dict:
+    """Accuracy on the first ``limit`` questions of each set, for a metrics row during training.
+    Under a plan (``par``) every rank calls it with its shard; the row is on rank 0 ({} elsewhere)."""
+    params, dist = under_plan(params, par)
+    if params is None:
+        return {}
     row = {}
     for kind, ds in sets.items():
         res = qa_eval.answer_all(params, cfg, ds, batch_size=exp.eval.batch_size,
-                                 max_new_tokens=exp.eval.max_new_tokens, limit=limit)
+                                 max_new_tokens=exp.eval.max_new_tokens, limit=limit, dist=dist)
         sc = qa_eval.score(res, priors)
         row[f"eval/{kind}_acc"] = sc["overall"]["accuracy"]
         for qt, b in sc["per_type"].items():
             row[f"eval/{kind}_{qt}_acc"] = b["accuracy"]
-    return row
+    return row if par is None or par.main else {}
 
 
-def final_eval(params: dict, cfg: ModelConfig, sets: dict, priors: dict, exp) -> dict:
-    """Every held-out question: metrics.json's body, samples.jsonl, and a few answers printed."""
+def final_eval(params: dict, cfg: ModelConfig, sets: dict, priors: dict, exp, par=None) -> dict:
+    """Every held-out question: metrics.json's body, samples.jsonl, and a few answers printed.
+    Under a plan (``par``) every rank calls it with its shard; rank 0 writes and returns ({} elsewhere)."""
+    params, dist = under_plan(params, par)
+    if params is None:
+        return {}
+    main = par is None or par.main
     run_dir = Path(exp.run.dir)
     out: dict = {"priors": priors}
     samples = []
     for kind, ds in sets.items():
         res = qa_eval.answer_all(params, cfg, ds, batch_size=exp.eval.batch_size,
                                  max_new_tokens=exp.eval.max_new_tokens, limit=exp.eval.max_samples,
-                                 progress=exp.run.progress)
+                                 progress=exp.run.progress and main, dist=dist)
         out[kind] = qa_eval.score(res, priors)
         samples += [dict(r, modality=kind) for r in res]
-        shown = _spread(res, exp.eval.show)
+        shown = _spread(res, exp.eval.show) if main else []
         if shown:
             print(f"held-out {kind} questions:")
             for r in shown:
                 mark = "ok " if r["correct"] else "NO "
                 print(f"  {mark} [{r['qtype']}] {r['question']}  -> {r['pred']!r} (answer {r['answer']!r})")
+    if not main:
+        return {}
     (run_dir / "samples.jsonl").write_text("".join(json.dumps(s) + "\n" for s in samples))
     return out
 
