@@ -4,7 +4,9 @@ Prompts of different lengths are left-padded into one batch; their images and vi
 expanded to ``tokens_per_image`` image tokens each, pixel_values in order of appearance) go through
 the model's own embed-and-splice path in the prefill. Each layer's cache is preallocated as
 ``{"k", "v": [B, KV, T_prompt + max_new_tokens, hd]}`` and written in place by the attention, so a
-decode step costs one token per row. Logits processors run in transformers' order (repetition
+decode step costs one token per row: the rotary tables of every slot are built once, a step's mask
+is a view of the padding mask (built only under a sliding window), the head runs on the last
+position only, MoE layers skip their balance statistics and run only the experts that got rows. Logits processors run in transformers' order (repetition
 penalty, temperature, top-k, top-p), so greedy decoding matches ``generate(do_sample=False)``.
 
 Under a parallel plan (``dist``: tp, ep, dp; not pp) every rank runs the same batch on its shard of
@@ -17,7 +19,7 @@ the answer; ``follow`` is the loop of the other ranks, ``release`` ends it.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.distributed as tdist
@@ -27,6 +29,7 @@ from neva import comm, llm, model
 from neva.batch import Media
 from neva.comm import LOCAL, Dist
 from neva.config import ModelConfig
+from neva.layers.attention import make_mask
 
 
 @dataclass(frozen=True)
@@ -97,16 +100,27 @@ def _next(logits_bv: Tensor, seen_bt: Tensor, s: Sampling, gen: torch.Generator)
     return torch.multinomial(x.softmax(-1), 1, generator=gen)[:, 0]
 
 
-def _forward(params: dict, cfg: ModelConfig, x_btd: Tensor, pos_bt: Tensor, q_slots_t: Tensor, kv_valid: Tensor,
-             cache: dict, cache_pos: int, dist: Dist) -> Tensor:
-    """The trunk on embeddings ``x`` at cache slots ``q_slots`` -> logits at the last slot [B, V]
-    (whole on every tp rank)."""
+def _forward(params: dict, cfg: ModelConfig, x_btd: Tensor, ctx: llm.Context, dist: Dist) -> Tensor:
+    """The trunk on embeddings ``x`` in ``ctx`` -> logits at the last position [B, V], whole on every
+    tp rank (the head runs on that position only)."""
     lc, d = cfg.llm, dist.part("llm")
-    T = x_btd.shape[1]
-    ctx = llm.context(lc, pos_bt, x_btd.dtype, k_valid_bs=kv_valid, q_slots_t=q_slots_t,
-                      valid_bt=kv_valid[:, cache_pos:cache_pos + T], cache=cache, cache_pos=cache_pos)
     h, _, _ = llm.layers(params["llm"], x_btd, ctx, lc, d, range(lc.n_layers), moe_dispatch=cfg.moe_dispatch)
     return comm.all_gather_nograd(llm.head(params["llm"], h[:, -1:], lc, d)[:, 0].float(), d.tp, dim=-1)
+
+
+def _step_context(cfg: ModelConfig, rope: tuple[Tensor, Tensor], kv_valid_bs: Tensor, slot: int,
+                  cache: dict) -> llm.Context:
+    """The Context of a decode step whose token goes to cache ``slot``: views into the rotary tables
+    built once for every slot, and a mask over slots 0..slot that is the padding's view (attention
+    reads no later slot, so causality holds by itself); a sliding window needs a mask built."""
+    B, w = kv_valid_bs.shape[0], cfg.llm.sliding_window
+    if w is None or slot < w:
+        mask = kv_valid_bs[:, None, None, :slot + 1]
+    else:
+        mask = make_mask(torch.full((B, 1), slot), torch.arange(slot + 1).expand(B, -1), window=w,
+                         k_valid=kv_valid_bs[:, :slot + 1])
+    return llm.Context(rope=(rope[0][:, slot:slot + 1], rope[1][:, slot:slot + 1]), mask=mask, cache=cache,
+                       cache_pos=slot, stats=False)
 
 
 def _world(dist: Dist):
@@ -116,12 +130,15 @@ def _world(dist: Dist):
 
 @torch.no_grad()
 def generate(params: dict, cfg: ModelConfig, prompts: list[list[int]], pixel_values: Media | None = None,
-             sampling: Sampling = Sampling(), tokenizer: Any = None, dist: Dist = LOCAL) -> dict:
+             sampling: Sampling = Sampling(), tokenizer: Any = None, dist: Dist = LOCAL,
+             on_step: Callable[[Tensor], Any] | None = None) -> dict:
     """Continue each prompt (token ids, image tokens expanded; ``pixel_values`` float[N, 3, H, W] for
     all images and video frames of all prompts in order, per tower for kind=fused). -> {"tokens": [[new ids] per prompt],
     "text": [decoded new text] (with a tokenizer, cut at a stop string), "finish": ["eos" | "stop" |
     "length"]}. Stop strings need ``tokenizer`` (anything with ``decode(ids)``).
 
+    ``on_step(tokens int[B])`` is called with each step's tokens as they are chosen (pad for rows
+    that have finished): for streaming, and for timing the first token apart from the rest.
     Under a plan, every rank calls it at once with the same arguments and ``params`` its shard."""
     s = sampling.validate()
     if s.stop_strings and tokenizer is None:
@@ -140,36 +157,37 @@ def generate(params: dict, cfg: ModelConfig, prompts: list[list[int]], pixel_val
         raise ValueError(f"prompt ({T}) + max_new_tokens ({s.max_new_tokens}) exceed model.llm.max_position={lc.max_position}")
     dtype = params["llm"]["embed"]["w"].dtype
     cache = init_cache(cfg, B, S, dtype, dist)
-    kv_valid = torch.cat([am.bool(), torch.ones(B, s.max_new_tokens, dtype=torch.bool)], 1)
+    kv_valid = torch.cat([am.bool(), torch.ones(B, s.max_new_tokens, dtype=torch.bool)], 1)   # [B, S]
     nb = model.normalize_batch(cfg, {"input_ids": ids, "attention_mask": am, "pixel_values": pixel_values})
-    x = model.embed_inputs(params, cfg, nb, dist)
     pos = nb["position_ids"]
-    logits = _forward(params, cfg, x, pos, torch.arange(T), kv_valid, cache, 0, dist)
+    rope = llm.rope_tables(lc, torch.cat([pos, pos[:, -1:] + torch.arange(1, s.max_new_tokens + 1)], 1), dtype)
+    ctx = llm.context(lc, pos, dtype, k_valid_bs=am.bool(), cache=cache)
+    logits = _forward(params, cfg, model.embed_inputs(params, cfg, nb, dist), replace(ctx, stats=False), dist)
     gen = torch.Generator().manual_seed(s.seed)
-    seen = torch.where(am.bool(), ids, ids[:, -1:])          # padding is never penalised (last token is real)
-    out = torch.empty(B, 0, dtype=torch.long)
+    out = torch.full((B, s.max_new_tokens), pad, dtype=torch.long)
+    seen = torch.cat([torch.where(am.bool(), ids, ids[:, -1:]), out], 1)   # padding is never penalised
     done = torch.zeros(B, dtype=torch.bool)
     finish, lens = ["length"] * B, [s.max_new_tokens] * B
-    last_pos = pos[:, -1:]
     for i in range(s.max_new_tokens):
         logits[:, cfg.image_token_id] = float("-inf")        # a placeholder is never a real answer
         # ep ranks compute the same rows inside differently shaped expert matmuls, so their logits
         # may differ in the last bit: rank 0's token is everyone's, and every rank stops together
-        tok = comm.broadcast_(_next(logits, seen, s, gen), world)
-        tok = torch.where(done, torch.full_like(tok, pad), tok)
-        out, seen = torch.cat([out, tok[:, None]], 1), torch.cat([seen, tok[:, None]], 1)
-        for b in range(B):
+        tok = comm.broadcast_(_next(logits, seen[:, :T + i], s, gen), world)
+        tok = torch.where(done, pad, tok)
+        out[:, i], seen[:, T + i] = tok, tok
+        if on_step is not None:
+            on_step(tok)
+        for b, t in enumerate(tok.tolist()):
             if done[b]:
                 continue
-            if s.stop_at_eos and lc.eos_id is not None and int(tok[b]) == lc.eos_id:
+            if s.stop_at_eos and t == lc.eos_id:
                 done[b], finish[b], lens[b] = True, "eos", i          # eos is not part of the answer
-            elif s.stop_strings and any(st in tokenizer.decode(out[b].tolist()) for st in s.stop_strings):
+            elif s.stop_strings and any(st in tokenizer.decode(out[b, :i + 1].tolist()) for st in s.stop_strings):
                 done[b], finish[b], lens[b] = True, "stop", i + 1
         if bool(done.all()) or i + 1 == s.max_new_tokens:
             break
-        last_pos = last_pos + 1
-        x = model.embed_inputs(params, cfg, {"input_ids": tok[:, None]}, dist)
-        logits = _forward(params, cfg, x, last_pos, torch.tensor([T + i]), kv_valid, cache, T + i, dist)
+        x = llm.embed(params["llm"], tok[:, None], dist.part("llm"))
+        logits = _forward(params, cfg, x, _step_context(cfg, rope, kv_valid, T + i, cache), dist)
     tokens = [out[b, :lens[b]].tolist() for b in range(B)]
     text = None
     if tokenizer is not None:

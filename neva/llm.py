@@ -68,6 +68,7 @@ class Context:
     valid: Tensor | None = None                 # bool[B, T(/tp)] tokens counted by MoE statistics
     cache: dict | None = None                   # {layer id: {"k", "v"}} for generation
     cache_pos: int = 0
+    stats: bool = True                          # False: no MoE balance statistics (generation needs none)
 
 
 def context(cfg: LLMConfig, pos_bt: Tensor, dtype: torch.dtype, *, mask: bool = True,
@@ -80,7 +81,7 @@ def context(cfg: LLMConfig, pos_bt: Tensor, dtype: torch.dtype, *, mask: bool = 
     packed samples (``segments``), never to padding (``k_valid`` bool[B, S]); ``q_slots`` int[T] are
     the queries' slots (default 0..T-1; generation: past the cache). ``valid``: MoE token mask."""
     B, T = pos_bt.shape
-    rope = cos_sin(pos_bt, inv_freq(cfg.rot_dim, cfg.rope_theta, cfg.rope_scaling), dtype)
+    rope = rope_tables(cfg, pos_bt, dtype)
     m = None
     if mask:
         S = T if k_valid_bs is None else k_valid_bs.shape[1]
@@ -88,6 +89,11 @@ def context(cfg: LLMConfig, pos_bt: Tensor, dtype: torch.dtype, *, mask: bool = 
         m = make_mask(q.expand(B, T), torch.arange(S, device=pos_bt.device).expand(B, S), causal=True,
                       window=cfg.sliding_window, q_seg=segments_bt, k_seg=segments_bt, k_valid=k_valid_bs)
     return Context(rope=rope, mask=m, valid=valid_bt, cache=cache, cache_pos=cache_pos)
+
+
+def rope_tables(cfg: LLMConfig, pos_bt: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """Rotary (cos, sin) [B, T, rot_dim] in ``dtype`` at positions int[B, T]."""
+    return cos_sin(pos_bt, inv_freq(cfg.rot_dim, cfg.rope_theta, cfg.rope_scaling), dtype)
 
 
 def embed(p: dict, ids_bt: Tensor, dist: Dist) -> Tensor:
@@ -102,7 +108,7 @@ def block(p: dict, x: Tensor, ctx: Context, cfg: LLMConfig, dist: Dist, layer: i
     x = x + attention(p["attn"], norm(p["attn_norm"], x, cfg), dist, head_dim=cfg.hd, rope=ctx.rope,
                       mask=ctx.mask, cache=cache, cache_pos=ctx.cache_pos)
     y, aux, z = FFNS[cfg.ffn].apply(p["mlp"], norm(p["mlp_norm"], x, cfg), cfg, dist, valid=ctx.valid,
-                                    dispatch=moe_dispatch)
+                                    dispatch=moe_dispatch, stats=ctx.stats)
     return x + y, aux, z
 
 
@@ -141,8 +147,8 @@ def _dense(fn: Callable) -> Callable:
     return apply
 
 
-def _moe(p: dict, x: Tensor, cfg: LLMConfig, dist: Dist, *, valid=None, dispatch: str = "sorted"):
-    return moe(p, x, dist, top_k=cfg.top_k, dispatch=dispatch, valid_bt=valid)
+def _moe(p: dict, x: Tensor, cfg: LLMConfig, dist: Dist, *, valid=None, dispatch: str = "sorted", stats: bool = True):
+    return moe(p, x, dist, top_k=cfg.top_k, dispatch=dispatch, valid_bt=valid, stats=stats)
 
 
 FFNS.register("moe", FFN(lambda c, std, out: moe_specs(c.dim, c.ffn_dim, c.n_experts, std, out), _moe))

@@ -47,8 +47,8 @@ class Projector:
 @dataclass(frozen=True)
 class FFN:
     """The MLP of a decoder block. specs(LLMConfig, std, out_std) -> tree; apply(params, x [B, T, D],
-    LLMConfig, Dist, *, valid, dispatch) -> (y like x, aux, z): MoE balance and router z-losses
-    (zeros for a dense MLP)."""
+    LLMConfig, Dist, *, valid, dispatch, stats) -> (y like x, aux, z): MoE balance and router z-losses
+    (zeros for a dense MLP, and when ``stats`` is False: generation)."""
 
     specs: Callable[..., dict]
     apply: Callable[..., Any]

@@ -60,7 +60,8 @@ def attention(p: dict, x_btd: Tensor, dist: Dist, *, head_dim: int, rope: tuple[
 
     mask: bool[B, 1, T, S] from ``make_mask`` (None = plain causal, or full if not ``causal``).
     cache: {"k", "v": [B, KV_local, S_max, hd]} written in place at ``cache_pos`` (generation); the
-    mask then spans the S_max cached keys.
+    queries then attend to the cache's first ``cache_pos + T`` slots (never to later, unwritten ones),
+    which the mask spans.
     """
     x = comm.enter_tp(x_btd, dist)
     B, T, _ = x.shape
@@ -70,9 +71,10 @@ def attention(p: dict, x_btd: Tensor, dist: Dist, *, head_dim: int, rope: tuple[
     if rope is not None:
         q, k = apply_rope(q, *rope), apply_rope(k, *rope)
     if cache is not None:
-        cache["k"][:, :, cache_pos:cache_pos + T] = k
-        cache["v"][:, :, cache_pos:cache_pos + T] = v
-        k, v = cache["k"], cache["v"]
+        end = cache_pos + T
+        cache["k"][:, :, cache_pos:end] = k
+        cache["v"][:, :, cache_pos:end] = v
+        k, v = cache["k"][:, :, :end], cache["v"][:, :, :end]
     gqa = q.shape[1] != k.shape[1]
     if mask is None:
         o = F.scaled_dot_product_attention(q, k, v, is_causal=causal and T > 1, enable_gqa=gqa)

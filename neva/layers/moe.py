@@ -57,12 +57,22 @@ def balance_losses(logits_ne: Tensor, topi_nk: Tensor, valid_n: Tensor | None, d
 
 def _experts(w1: Tensor, w3: Tensor, w2: Tensor, x_md: Tensor, counts: list[int]) -> Tensor:
     """Rows of x grouped by local expert (``counts`` rows each) -> expert outputs, same order."""
-    # no branching on a count: in a simulated world counts differ per rank (empty groups are cheap).
-    # unbind once: its backward stacks the expert grads in one go, where w1[e] per expert would
-    # materialise (and then sum) a zero-filled [E, F, D] gradient for every expert
-    w1s, w3s, w2s = w1.unbind(0), w3.unbind(0), w2.unbind(0)
-    outs = [F.linear(F.silu(F.linear(xe, w1s[e])) * F.linear(xe, w3s[e]), w2s[e])
-            for e, xe in enumerate(torch.split(x_md, counts))]
+    # an empty group is skipped only when its count is a plain 0 (a decode step routes a few rows
+    # to a few experts); in a simulated world counts are per-rank values, and every group runs
+    groups = [(e, xe) for e, (xe, c) in enumerate(zip(torch.split(x_md, counts), counts))
+              if not (isinstance(c, int) and c == 0)]
+    if not groups:
+        return x_md.new_zeros((0, w2.shape[1]))
+    if torch.is_grad_enabled():
+        # unbind once: its backward stacks the expert grads in one go, where w1[e] per expert would
+        # materialise (and then sum) a zero-filled [E, F, D] gradient for every expert
+        w1s, w3s, w2s = w1.unbind(0), w3.unbind(0), w2.unbind(0)
+    else:                     # no backward: view only the experts that got rows
+        w1s = w3s = w2s = None
+    outs = []
+    for e, xe in groups:
+        a, b, c = (w1s[e], w3s[e], w2s[e]) if w1s is not None else (w1[e], w3[e], w2[e])
+        outs.append(F.linear(F.silu(F.linear(xe, a)) * F.linear(xe, b), c))
     return torch.cat(outs)
 
 
@@ -104,15 +114,18 @@ def dispatch_dense(p: dict, x_nd: Tensor, topw_nk: Tensor, topi_nk: Tensor, dist
 
 
 def moe(p: dict, x_btd: Tensor, dist: Dist, *, top_k: int, dispatch: str = "sorted",
-        valid_bt: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
-    """x: [B, T(/tp), D] -> (y like x, aux loss, z loss) for this rank's tokens.
+        valid_bt: Tensor | None = None, stats: bool = True) -> tuple[Tensor, Tensor, Tensor]:
+    """x: [B, T(/tp), D] -> (y like x, aux loss, z loss) for this rank's tokens (zeros unless ``stats``).
 
     Routing runs outside the TP region, on this rank's tokens (like a norm); the routed tokens and
     their weights then enter the TP region, so every tp rank dispatches the same rows.
     """
     B, T, D = x_btd.shape
     logits, topw, topi = route(p["router"], x_btd.reshape(-1, D), top_k)
-    aux, z = balance_losses(logits, topi, None if valid_bt is None else valid_bt.reshape(-1), dist)
+    if stats:
+        aux, z = balance_losses(logits, topi, None if valid_bt is None else valid_bt.reshape(-1), dist)
+    else:
+        aux = z = logits.new_zeros(())
     x = comm.enter_tp(x_btd, dist)
     topw = comm.enter_tp(topw.view(B, T, top_k), dist)
     topi = comm.gather_seq(topi.view(B, T, top_k), dist) if dist.sp else topi.view(B, T, top_k)
