@@ -213,24 +213,26 @@ def _share(par, msg):
 
 
 def on_plan(par, params: dict, prompts: list[list[int]] | None = None, pixel_values: Media | None = None,
-            sampling: Sampling = Sampling(), tokenizer: Any = None) -> dict | None:
+            sampling: Sampling = Sampling(), tokenizer: Any = None,
+            on_step: Callable[[Tensor], Any] | None = None) -> dict | None:
     """``generate`` under the plan of ``par`` (a ``neva.parallel.runtime.Parallel``), called on every
     rank at once with ``params`` its shard (``par.shard(full)`` or ``par.localize(hf.load(...,
     shard=par.hf_slices))``): rank 0's prompts, pixel_values and sampling are broadcast (the other
     ranks' are ignored), every rank generates, and rank 0 gets generate's dict (None elsewhere). One
-    process: ``generate``. ``tokenizer``: each rank's own (stop strings are checked on every rank)."""
+    process: ``generate``. ``tokenizer``: each rank's own (stop strings are checked on every rank).
+    ``on_step``: rank 0's streaming callback (``generate``'s)."""
     if par.single:
-        return generate(params, par.cfg, prompts, pixel_values, sampling, tokenizer)
+        return generate(params, par.cfg, prompts, pixel_values, sampling, tokenizer, on_step=on_step)
     msg = _share(par, ("generate", prompts, pixel_values, sampling))
     if msg == _STOP:
         raise RuntimeError("on_plan: rank 0 sent release() while this rank asked to generate; ranks > 0 "
                            "wait for rank 0's requests with follow()")
-    return _answer(par, params, msg, tokenizer)
+    return _answer(par, params, msg, tokenizer, on_step if par.main else None)
 
 
-def _answer(par, params: dict, msg: tuple, tokenizer: Any) -> dict | None:
+def _answer(par, params: dict, msg: tuple, tokenizer: Any, on_step=None) -> dict | None:
     _, prompts, pixel_values, sampling = msg
-    out = generate(params, par.cfg, prompts, pixel_values, sampling, tokenizer, par.dist)
+    out = generate(params, par.cfg, prompts, pixel_values, sampling, tokenizer, par.dist, on_step)
     return out if par.main else None
 
 

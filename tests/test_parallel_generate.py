@@ -51,8 +51,8 @@ def test_sharded_greedy_equals_one_process(gloo_pool, name):
 
 
 def test_rank0_serves_the_others_follow(gloo_pool):
-    """Rank 0 alone has the requests (a batch of three, then one prompt sampled with a seed); the
-    others follow until release: two requests each."""
+    """Rank 0 alone has the requests (a batch of three, then one prompt sampled with a seed) and
+    streams the tokens; the others follow until release: two requests each."""
     cfg = _cfg("mixtral")
     params = _params(cfg, seed=1)
     ps, pix = prompts_and_images(cfg, seed=2)
@@ -60,7 +60,7 @@ def test_rank0_serves_the_others_follow(gloo_pool):
     reqs = [(ps, pix, SAMPLING), (ps[:1], pix[:1], sampled)]
     want = [generate(params, cfg, *r)["tokens"] for r in reqs]
     got = gloo_pool.run(generation.served_tokens, Layout(tp=2, ep=2, sp=True), cfg, params, reqs)
-    assert got == [want, 2, 2, 2]
+    assert got == [(want, want), 2, 2, 2]             # rank 0 streamed every token it returned
 
 
 def test_pipeline_generation_is_refused():
