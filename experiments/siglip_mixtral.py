@@ -123,9 +123,11 @@ def ensure_data(exp: X.Experiment) -> None:
 def check_export(exp: X.Experiment) -> None:
     """An HF export that cannot happen is an error now, not after training."""
     if exp.checkpoint.export_hf:
+        from neva.hf.folder import image_processor
         from neva.hf.translate import llava_json
         try:
             llava_json(exp.model, "float32")
+            image_processor(exp.model, exp.data.image_mode)
         except ValueError as e:
             raise X.ConfigError(str(e)) from None
 
@@ -198,8 +200,7 @@ def main(argv: list[str], base_exp: X.Experiment | None = None) -> dict:
                    skipped_samples=skipped, skipped_steps=res.skipped_steps)
     if exp.checkpoint.export_hf:
         from neva import hf
-        hf.save(final, cfg, str(run_dir / "hf"))
-        tok.save_pretrained(str(run_dir / "hf"))
+        hf.save(final, cfg, str(run_dir / "hf"), data=exp.data, tokenizer=tok)   # weights + what serving needs
     report.plot(run_dir)
     segment = {"steps": len(res.rows), "train_seconds": metrics.pop("train_seconds"),
                "wall_seconds": round(time.time() - t_start, 1), "threads": threads,
