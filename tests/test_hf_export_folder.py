@@ -116,21 +116,22 @@ def test_saved_folder_is_complete(tmp_path):
     EOS and the template's end token; LlavaProcessor loads by name too."""
     import neva
     import neva.hf
-    cfg = tiny_model("mixtral", aux_loss_coef=0.02)
-    tok = tokenizers.llama3()
-    cfg = replace(cfg, llm=replace(cfg.llm, vocab_size=128320, eos_id=128009, bos_id=128000), image_token_id=128256)
+    tok = mixtral_with(*SPECIALS["chatml"])
+    tok.save_pretrained(str(tmp_path / "tok"))
+    cfg = replace(tiny_model("mixtral", aux_loss_coef=0.02), image_token_id=32002)
     params = neva.init_params(cfg, seed=0)
-    files = neva.hf.save(params, cfg, str(tmp_path), data=DataConfig(tokenizer="llama3", template="llama_3"))
+    data = DataConfig(tokenizer=str(tmp_path / "tok"), template="chatml", image_mode="pad")
+    files = neva.hf.save(params, cfg, str(tmp_path / "hf"), data=data)
     assert {"config.json", "generation_config.json", "preprocessor_config.json", "processor_config.json",
             "chat_template.jinja", "tokenizer.json", "model.safetensors"} <= set(files)
-    conf = json.loads((tmp_path / "config.json").read_text())
+    conf = json.loads((tmp_path / "hf/config.json").read_text())
     assert conf["neva"]["aux_loss_coef"] == 0.02 and conf["text_config"]["router_aux_loss_coef"] == 0.01
-    assert conf["neva"]["template"] == "llama_3" and conf["neva"]["image_mode"] == "square"
-    gen = json.loads((tmp_path / "generation_config.json").read_text())
-    assert gen["eos_token_id"] == [128009] and gen["pad_token_id"] == 128009
-    proc = transformers.LlavaProcessor.from_pretrained(str(tmp_path))
-    assert proc.tokenizer.convert_ids_to_tokens(128256) == "<image>"
-    assert neva.hf.load(str(tmp_path))[0].llm.aux_loss_coef == pytest.approx(0.02)
+    assert conf["neva"]["template"] == "chatml" and conf["neva"]["image_mode"] == "pad"
+    gen = json.loads((tmp_path / "hf/generation_config.json").read_text())
+    assert gen["eos_token_id"] == [2, 32000] and gen["pad_token_id"] == 2          # </s> and <|im_end|>
+    proc = transformers.LlavaProcessor.from_pretrained(str(tmp_path / "hf"))
+    assert proc.tokenizer.convert_ids_to_tokens(32002) == "<image>" and proc.image_processor.do_pad
+    assert neva.hf.load(str(tmp_path / "hf"))[0].llm.aux_loss_coef == pytest.approx(0.02)
 
 
 def hf_answers_match(run: Path, n: int = 6) -> list[tuple[str, str]]:
