@@ -10,7 +10,7 @@ penalty, temperature, top-k, top-p), so greedy decoding matches ``generate(do_sa
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import Tensor
@@ -102,11 +102,13 @@ def _forward(params: dict, cfg: ModelConfig, x_btd: Tensor, pos_bt: Tensor, q_sl
 
 @torch.no_grad()
 def generate(params: dict, cfg: ModelConfig, prompts: list[list[int]], pixel_values: Media | None = None,
-             sampling: Sampling = Sampling(), tokenizer: Any = None, dist: Dist = LOCAL) -> dict:
+             sampling: Sampling = Sampling(), tokenizer: Any = None, dist: Dist = LOCAL,
+             on_token: Callable[[Tensor, Tensor], None] | None = None) -> dict:
     """Continue each prompt (token ids, image tokens expanded; ``pixel_values`` float[N, 3, H, W] for
     all images and video frames of all prompts in order, per tower for kind=fused). -> {"tokens": [[new ids] per prompt],
     "text": [decoded new text] (with a tokenizer, cut at a stop string), "finish": ["eos" | "stop" |
-    "length"]}. Stop strings need ``tokenizer`` (anything with ``decode(ids)``)."""
+    "length"]}. Stop strings need ``tokenizer`` (anything with ``decode(ids)``). ``on_token(tok int[B],
+    done bool[B])`` is called after every step (a row's EOS arrives with its row done), for streaming."""
     s = sampling.validate()
     if s.stop_strings and tokenizer is None:
         raise ValueError("stop_strings need a tokenizer to decode the generated text")
@@ -144,6 +146,8 @@ def generate(params: dict, cfg: ModelConfig, prompts: list[list[int]], pixel_val
                 done[b], finish[b], lens[b] = True, "eos", i          # eos is not part of the answer
             elif s.stop_strings and any(st in tokenizer.decode(out[b].tolist()) for st in s.stop_strings):
                 done[b], finish[b], lens[b] = True, "stop", i + 1
+        if on_token is not None:
+            on_token(tok, done.clone())
         if bool(done.all()) or i + 1 == s.max_new_tokens:
             break
         last_pos = last_pos + 1

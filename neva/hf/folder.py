@@ -76,7 +76,7 @@ def stop_ids(tok, template: str, eos_id: int | None) -> list[int]:
 def training_record(cfg: ModelConfig, data: DataConfig) -> dict:
     """What training used that config.json's HF fields do not say (stored as ``config.json["neva"]``)."""
     rec = {"template": data.template, "system_prompt": data.system_prompt, "tokenizer": data.tokenizer,
-           "image_mode": data.image_mode, "frames_per_video": data.frames_per_video,
+           "image_mode": data.image_mode, "num_frames": data.num_frames, "frames_per_video": data.frames_per_video,
            "splice_single_frame": data.splice_single_frame, "max_seq_len": data.max_seq_len}
     if cfg.llm.n_experts:
         # HF's Mixtral balance loss is top_k times ours, so its router_aux_loss_coef is ours / top_k
