@@ -85,8 +85,8 @@ def app(engine: Engine, prompter: Prompter, name: str, end: str) -> FastAPI:
     @api.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
-        if ctype != "application/json":
-            raise RequestError(f"Content-Type must be application/json, not {ctype or 'missing'}", status=415)
+        if ctype not in ("application/json", ""):     # none given: read the body as JSON anyway
+            raise RequestError(f"Content-Type must be application/json, not {ctype}", status=415)
         try:
             body = json.loads(await request.body())
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
