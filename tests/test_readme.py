@@ -25,6 +25,8 @@ NOT_RUN = {                                 # pattern of a command -> why it doe
     r"-m pytest": "the test suite itself",
     r"--recipe llava": "needs real HF folders (tests/test_train_main_job.py runs the recipe on tiny ones)",
     r"torchrun": "many processes (tests/test_train_main_job.py runs the main job under torchrun)",
+    r"-m neva\.serve": "a server runs until stopped (tests/test_serve.py starts one and talks to it)",
+    r"vllm serve|sglang": "vLLM and SGLang are not installed here",
     r"fused_dino_siglip\.py": "the fused job's towers do not shrink with TINY (tests/test_dino_fused.py trains, "
                               "shards and resumes the fused model)",
 }
