@@ -78,42 +78,69 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     return a, rest
 
 
-def serve_parallel(overrides: list[str]):
-    """Serving under torchrun (rank 0 on HTTP, the other ranks following its batches) needs generation
-    under the parallel plan; until that is connected, only one process serves."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1 or any(o.startswith("parallel.") and o.split("=", 1)[1] not in ("1", "false") for o in overrides):
-        raise ValueError(f"serving under a parallel plan ({' '.join(overrides) or f'WORLD_SIZE={world}'}) is not "
-                         f"connected yet: run python -m neva.serve MODEL in one process")
+def rank_generate(params: dict, cfg, tok, overrides: list[str]) -> E.GenerateFn:
+    """This rank's ``GenerateFn`` under torchrun. Until generation under the parallel plan is connected
+    (``parallel.tp`` / ``parallel.ep`` > 1), every rank runs the whole model (a replicated world)."""
     unknown = [o for o in overrides if not o.startswith("parallel.")]
     if unknown:
         raise ValueError(f"unknown overrides {unknown}: python -m neva.serve takes parallel.* overrides only")
+    sharded = [o for o in overrides if o.split("=", 1)[1] not in ("1", "false", "False")]
+    if sharded:
+        raise ValueError(f"serving under a parallel plan ({' '.join(sharded)}) is not connected yet: run "
+                         f"python -m neva.serve MODEL without parallel.* overrides")
+    return E.local(params, cfg, tok)
 
 
 def main(argv: list[str] | None = None) -> int:
     a, overrides = parse(sys.argv[1:] if argv is None else argv)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
     try:
-        serve_parallel(overrides)
+        if world > 1:
+            import torch.distributed as tdist
+            tdist.init_process_group("gloo")             # batches travel as pickled objects: gloo on any device
         if a.threads:
             torch.set_num_threads(a.threads)
         dtype = DTYPES[a.dtype]
         cfg, params, tok, data, template = load(a.model, dtype)
+        fn = rank_generate(params, cfg, tok, overrides)
+        if rank > 0:                                    # follow rank 0's batches until it stops
+            try:
+                E.follow(fn)
+            except KeyboardInterrupt:
+                pass
+            return 0
         root = Path(a.allowed_local_media_path).resolve() if a.allowed_local_media_path else None
         prompter = Prompter(cfg, tok, data, template, root, a.max_media_per_prompt, a.max_prompt_tokens)
         from neva.data import templates
         end = templates.get(data.template).end(tok.eos_token or "") if data else ""
-        engine = E.Engine(E.local(params, cfg, tok), tok, eos_id=cfg.llm.eos_id, dtype=dtype,
+        engine = E.Engine(E.broadcast(fn) if world > 1 else fn, tok, eos_id=cfg.llm.eos_id, dtype=dtype,
                           max_batch=a.max_batch_size, max_queue=a.max_queue)
     except cli.USER_ERRORS as e:
+        _release(world, rank)
         if a.debug:
             raise
         cli.report(e)
         return 2
     import uvicorn
     name = a.served_model_name or Path(a.model).resolve().name
-    print(f"serving {name} ({a.dtype}) on http://{a.host}:{a.port}/v1", flush=True)
-    uvicorn.run(app(engine, prompter, name, end), host=a.host, port=a.port, log_level="warning")
+    print(f"serving {name} ({a.dtype}{f', {world} ranks' if world > 1 else ''}) on http://{a.host}:{a.port}/v1",
+          flush=True)
+    try:
+        uvicorn.run(app(engine, prompter, name, end), host=a.host, port=a.port, log_level="warning")
+    finally:
+        _release(world, rank)
     return 0
+
+
+def _release(world: int, rank: int) -> None:
+    """Rank 0 stops the followers (they wait in ``follow``)."""
+    import torch.distributed as tdist
+    if world > 1 and rank == 0 and tdist.is_initialized():
+        try:
+            tdist.broadcast_object_list([None], src=0)
+        except RuntimeError:                            # a follower already gone (Ctrl-C reaches every rank)
+            pass
 
 
 if __name__ == "__main__":

@@ -6,8 +6,9 @@ next batch.
 
 The model is behind ``GenerateFn``: ``fn(prompts, pixel_values, sampling, on_token) -> generate's
 dict``. ``local(params, cfg, tok)`` is the one-process one. Under torchrun rank 0 runs this engine and
-the HTTP server, and its ``GenerateFn`` must first send each batch to the other ranks, which run the
-same call under the parallel plan (``neva.serve.__main__.serve_parallel`` is where that plugs in).
+the HTTP server with ``broadcast(fn)``, which sends each batch to the other ranks before running it;
+they run ``follow(fn)``, the same call on each batch, so every rank enters generate's collectives
+together (``fn`` is then the plan's generate: ``neva.serve.__main__.rank_generate`` builds it).
 """
 from __future__ import annotations
 
@@ -31,6 +32,27 @@ def local(params: dict, cfg, tok) -> GenerateFn:
     def fn(prompts, pixel_values, sampling: Sampling, on_token=None) -> dict:
         return generate(params, cfg, prompts, pixel_values, sampling, tokenizer=tok, on_token=on_token)
     return fn
+
+
+def broadcast(fn: GenerateFn, group=None) -> GenerateFn:
+    """Rank 0's ``GenerateFn`` under torchrun: every rank gets the batch, then all run it."""
+    import torch.distributed as tdist
+
+    def run(prompts, pixel_values, sampling: Sampling, on_token=None) -> dict:
+        tdist.broadcast_object_list([(prompts, pixel_values, sampling)], src=0, group=group)
+        return fn(prompts, pixel_values, sampling, on_token)
+    return run
+
+
+def follow(fn: GenerateFn, group=None) -> None:
+    """The other ranks under torchrun: run each batch rank 0 sends, until it sends ``None``."""
+    import torch.distributed as tdist
+    while True:
+        box = [None]
+        tdist.broadcast_object_list(box, src=0, group=group)
+        if box[0] is None:
+            return
+        fn(*box[0])
 
 
 @dataclass
