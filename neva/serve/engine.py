@@ -159,7 +159,7 @@ class Engine:
             if len(toks) > j.sampling.max_new_tokens:
                 toks, finish = toks[:j.sampling.max_new_tokens], "length"
             text = self.tok.decode(toks, skip_special_tokens=True)
-            for st in j.sampling.stop_strings:       # a stop string the special tokens hid was cut by generate
+            for st in j.sampling.stop_strings:       # cut here too: the tokens may have been cut to max_tokens
                 if st in text:
                     text, finish = text[:text.index(st)], "stop"
             if j.on_text is not None and len(text) > len(j._sent) and text.startswith(j._sent):
