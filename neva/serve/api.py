@@ -105,10 +105,11 @@ def app(engine: Engine, prompter: Prompter, name: str, end: str) -> FastAPI:
         rid, t0 = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         loop = asyncio.get_running_loop()
         deltas: asyncio.Queue = asyncio.Queue()
+        finished = loop.create_future()         # set from the engine's thread, without a thread waiting here
         job = Job(prompt, sampling, seeded,
-                  on_text=(lambda d: loop.call_soon_threadsafe(deltas.put_nowait, d)) if stream else None)
+                  on_text=(lambda d: loop.call_soon_threadsafe(deltas.put_nowait, d)) if stream else None,
+                  on_done=lambda: loop.call_soon_threadsafe(finished.set_result, None))
         engine.submit(job)
-        finished = loop.run_in_executor(None, job.done.wait)
 
         def usage():
             n = job.result["completion_tokens"]

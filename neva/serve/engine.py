@@ -61,12 +61,18 @@ class Job:
     sampling: Sampling               # max_new_tokens: this request's own
     seeded: bool = False             # sampled with a seed the client chose: batch alone
     on_text: Callable[[str], None] | None = None    # streamed text deltas (called from the worker thread)
+    on_done: Callable[[], None] | None = None       # called once, from the worker thread, when it ends
     done: threading.Event = field(default_factory=threading.Event)
     result: dict | None = None       # {"text", "tokens", "finish", "completion_tokens"}
     error: BaseException | None = None
     _ids: list[int] = field(default_factory=list)
     _sent: str = ""
     _over: bool = False
+
+    def finish(self) -> None:
+        self.done.set()
+        if self.on_done is not None:
+            self.on_done()
 
     def key(self):
         s = self.sampling
@@ -128,7 +134,7 @@ class Engine:
                 for j in batch:
                     if not j.done.is_set():
                         j.error = e
-                        j.done.set()
+                        j.finish()
 
     def _run(self, batch: list[Job]) -> None:
         s = batch[0].sampling
@@ -166,4 +172,4 @@ class Engine:
                 j.on_text(text[len(j._sent):])
             j.result = {"text": text, "tokens": toks, "finish": "length" if finish == "length" else "stop",
                         "completion_tokens": len(toks) + (finish == "eos")}
-            j.done.set()
+            j.finish()
