@@ -114,6 +114,7 @@ def main(argv: list[str] | None = None) -> int:
         prompter = Prompter(cfg, tok, data, template, root, a.max_media_per_prompt, a.max_prompt_tokens)
         from neva.data import templates
         end = templates.get(data.template).end(tok.eos_token or "") if data else ""
+        end = "" if end == tok.eos_token else end       # EOS stops by its id; a stop string costs a decode a step
         engine = E.Engine(E.broadcast(fn) if world > 1 else fn, tok, eos_id=cfg.llm.eos_id, dtype=dtype,
                           max_batch=a.max_batch_size, max_queue=a.max_queue)
     except cli.USER_ERRORS as e:
