@@ -128,7 +128,8 @@ def main(argv: list[str]) -> dict:
     specs = model.specs(cfg)                       # what the plan places: the model, and LoRA factors if any
     if t.lora:
         specs = lora.specs(specs, lora.LoraConfig(t.lora, t.lora_rank, t.lora_alpha, t.seed))
-    par = runtime.setup(cfg, pc.tp, pc.pp, pc.ep, pc.sp, schedule=pc.pp_schedule, zero1=pc.zero1, specs=specs)
+    par = runtime.setup(cfg, pc.tp, pc.pp, pc.ep, pc.sp, schedule=pc.pp_schedule, zero1=pc.zero1, specs=specs,
+                        cp=pc.cp, vision=pc.vision)
     if not par.single:
         torch.distributed.barrier()                # rank 0 may have been writing the dataset
     say = print if par.main else (lambda *a, **k: None)

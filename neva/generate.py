@@ -109,8 +109,9 @@ def generate(params: dict, cfg: ModelConfig, prompts: list[list[int]], pixel_val
     s = sampling.validate()
     if s.stop_strings and tokenizer is None:
         raise ValueError("stop_strings need a tokenizer to decode the generated text")
-    if dist.tp is not None:
-        raise NotImplementedError("generation under tensor parallelism is not wired yet; run it with tp=1")
+    if dist.tp is not None or dist.cp is not None:
+        raise NotImplementedError("generation under tensor or context parallelism is not wired yet; run it with "
+                                  "tp=1 and cp=1")
     lc = cfg.llm
     pad = lc.pad_id if lc.pad_id is not None else (lc.eos_id if lc.eos_id is not None else 0)
     ids, am = left_pad(prompts, pad)
