@@ -177,8 +177,8 @@ class _CopyToTP(torch.autograd.Function):
         ctx.group = inputs[1]
 
     @staticmethod
-    def backward(ctx, g):
-        return _all_reduce(g, ctx.group), None
+    def backward(ctx, g):                # the partner Function, so vmap of grad takes its vmap rule
+        return _ReduceFromTP.apply(g, ctx.group), None
 
     @staticmethod
     def vmap(info, in_dims, x, group):
@@ -192,11 +192,11 @@ class _ReduceFromTP(torch.autograd.Function):
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        pass
+        ctx.group = inputs[1]
 
     @staticmethod
     def backward(ctx, g):
-        return g, None
+        return _CopyToTP.apply(g, ctx.group), None
 
     @staticmethod
     def vmap(info, in_dims, x, group):
@@ -211,9 +211,10 @@ def _bdim_first(x: Tensor, bdim: int | None, dim: int) -> tuple[Tensor, int]:
     return x, (dim + 1 if dim >= 0 else dim)
 
 
-def _seq_function(name: str, fwd, bwd) -> type:
+def _seq_function(name: str, fwd) -> type:
     """An autograd Function moving activations along a sequence dim: ``fwd(x, dim, group, rank)`` in
-    the forward, ``bwd(g, dim, group, rank)`` in the backward; its vmap rule moves the vmapped dim first."""
+    the forward; its backward is its ``partner`` Function (``_pair``), so the backward has a vmap rule
+    too (vmap of grad); its vmap rule moves the vmapped dim first."""
 
     class Fn(torch.autograd.Function):
         @staticmethod
@@ -226,7 +227,7 @@ def _seq_function(name: str, fwd, bwd) -> type:
 
         @staticmethod
         def backward(ctx, g):
-            return bwd(g, ctx.dim, ctx.group, ctx.rank), None, None, None
+            return Fn.partner.apply(g, ctx.dim, ctx.group, ctx.rank), None, None, None
 
         @staticmethod
         def vmap(info, in_dims, x, dim, group, rank):
@@ -241,11 +242,17 @@ def _gather(x: Tensor, dim: int, group: Group, rank) -> Tensor:
     return _all_gather(x, dim, group)
 
 
-_GatherSeq = _seq_function("_GatherSeq", _gather, _reduce_scatter)
-_ReduceScatterSeq = _seq_function("_ReduceScatterSeq", _reduce_scatter, _gather)
-_ScatterSeq = _seq_function("_ScatterSeq", _split, _gather)
+def _pair(a: type, b: type) -> None:
+    a.partner, b.partner = b, a
+
+
+_GatherSeq = _seq_function("_GatherSeq", _gather)                 # all-gather / reduce-scatter
+_ReduceScatterSeq = _seq_function("_ReduceScatterSeq", _reduce_scatter)
+_ScatterSeq = _seq_function("_ScatterSeq", _split)                # take own chunk / all-gather
 # gather a replicated computation's shares: each rank's gradient of the whole is whole already
-_GatherShares = _seq_function("_GatherShares", _gather, _split)
+_GatherShares = _seq_function("_GatherShares", _gather)
+_pair(_GatherSeq, _ReduceScatterSeq)
+_pair(_ScatterSeq, _GatherShares)
 
 
 def _all_to_all_rows(x: Tensor, send: tuple, recv: tuple, group: Group) -> Tensor:
