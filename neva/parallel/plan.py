@@ -251,6 +251,12 @@ class Plan:
                             "head live on different stages); untie them or use pp=1")
         if lay.sp and lay.tp == 1:
             problems.append("parallel.sp=true needs parallel.tp > 1 (the sequence is split over tp)")
+        bad_towers = [lay_ for _, lay_ in self.towers if lay_ not in TOWER_LAYOUTS]
+        if bad_towers:
+            problems.append(f"plan towers {bad_towers}: a tower's layout is one of {TOWER_LAYOUTS}")
+        elif "projector" in self.frame_parts(specs) and "vision" not in self.frame_parts(specs):
+            problems.append("a frame-parallel projector needs a frame-parallel vision encoder (it shares the "
+                            "encoder's media rows): use parallel.vision=frames for both")
         pl = self.placements(specs)
         flat = flatten(specs)
         for path, place in pl.items():
@@ -367,6 +373,13 @@ class Plan:
                 lines.append("  per MoE layer: all-to-all of counts, all-to-all of tokens out and back (x2 in bwd)")
             if lay.sp:
                 lines.append("  per MoE layer: all-reduce of routing statistics over tp (load-balancing loss)")
+        if lay.cp > 1:
+            lines.append(f"  sequence over cp={lay.cp}: each rank chunks i and {2 * lay.cp - 1}-i; per LLM layer: "
+                         "all-gather of K and V fwd / reduce-scatter bwd")
+        frames = self.frame_parts(specs)
+        if frames and lay.cp * lay.tp > 1:
+            lines.append(f"  {', '.join(sorted(frames))}: frame-parallel, each of the cp x tp = {lay.cp * lay.tp} "
+                         "ranks encodes a share of the media rows; all-gather of the features fwd")
         if lay.pp > 1:
             lines.append("  per micro-batch and stage boundary: send/recv activations fwd, gradients bwd")
         if lay.dp * lay.ep > 1:
@@ -374,6 +387,8 @@ class Plan:
                          + (", of expert gradients over dp" if lay.ep > 1 else ""))
         if lay.sp:
             lines.append("  per step: all-reduce over tp of the gradients of LLM leaves not sharded by tp (norms, router)")
+        if lay.cp > 1:
+            lines.append("  per step: all-reduce of every gradient over cp (each rank's loss covers its own tokens)")
         return "\n".join(lines)
 
     def describe(self, cfg: ModelConfig, specs: dict) -> str:
@@ -382,6 +397,8 @@ class Plan:
         pl, flat = self.placements(specs), flatten(specs)
         lines = [f"layout {self.layout}", "stages " + " ".join(f"{r.start}-{r.stop - 1}" for r in self.stages(cfg)),
                  "replicated " + (",".join(sorted(self.replicated_parts(specs))) or "-")]
+        if self.frame_parts(specs):
+            lines.append("frame-parallel " + ",".join(sorted(self.frame_parts(specs))))
         seen: dict[str, str] = {}
         for p in flat:
             key = re.sub(r"layers/\d+/", "layers/*/", p)
