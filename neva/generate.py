@@ -101,9 +101,11 @@ def _forward(params: dict, cfg: ModelConfig, x_btd: Tensor, pos_bt: Tensor, q_sl
 
 @torch.no_grad()
 def generate(params: dict, cfg: ModelConfig, prompts: list[list[int]], pixel_values: Tensor | None = None,
-             sampling: Sampling = Sampling(), tokenizer: Any = None, dist: Dist = LOCAL) -> dict:
+             sampling: Sampling = Sampling(), tokenizer: Any = None, dist: Dist = LOCAL,
+             video_frames: Tensor | None = None) -> dict:
     """Continue each prompt (token ids, image tokens expanded; ``pixel_values`` float[N, 3, H, W] for
-    all images and video frames of all prompts in order). -> {"tokens": [[new ids] per prompt],
+    all images and video frames of all prompts in order; ``video_frames`` bool[N] marks the frames,
+    which matters when the projector pools them). -> {"tokens": [[new ids] per prompt],
     "text": [decoded new text] (with a tokenizer, cut at a stop string), "finish": ["eos" | "stop" |
     "length"]}. Stop strings need ``tokenizer`` (anything with ``decode(ids)``)."""
     s = sampling.validate()
@@ -122,7 +124,8 @@ def generate(params: dict, cfg: ModelConfig, prompts: list[list[int]], pixel_val
     dtype = params["llm"]["embed"]["w"].dtype
     cache = init_cache(cfg, B, S, dtype, dist)
     kv_valid = torch.cat([am.bool(), torch.ones(B, s.max_new_tokens, dtype=torch.bool)], 1)
-    nb = model.normalize_batch(cfg, {"input_ids": ids, "attention_mask": am, "pixel_values": pixel_values})
+    nb = model.normalize_batch(cfg, {"input_ids": ids, "attention_mask": am, "pixel_values": pixel_values,
+                                     "video_frames": video_frames})
     x = model.embed_inputs(params, cfg, nb, dist)
     pos = nb["position_ids"]
     logits = _forward(params, cfg, x, pos, torch.arange(T), kv_valid, cache, 0, dist)

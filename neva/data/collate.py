@@ -8,6 +8,8 @@ A *row* is a list of ``Sample``s: one sample (unpacked) or several (packed). The
   position_ids   int64[B, T]    0.. per sample (restarting in packed rows), 0 on padding
   segment_ids    int64[B, T]    packed only: samples 1..k within a row, 0 on padding
   pixel_values   float32[N, 3, H, W]  every row's media, row-major, in order of appearance
+  video_frames   bool[N]        True where a pixel_values row is a video frame (pooled frames have
+                                fewer tokens than images: ``model.projector.frame_pool``)
   "_stats"       {"skipped": [messages], "truncated": n, "samples": n}  (the Loader pops it)
 
 T is ``pad_to`` when given (packed rows, or fixed-shape unpacked batches), else the longest row.
@@ -40,7 +42,7 @@ def collate(rows: list[list], *, packed: bool, pad_to: int | None = None, pad_id
     mask = torch.zeros(B, T, dtype=torch.int64)
     pos = torch.zeros(B, T, dtype=torch.int64)
     seg = torch.zeros(B, T, dtype=torch.int64)
-    pix = []
+    pix, frames = [], []
     for b, row in enumerate(rows):
         t = 0
         for k, s in enumerate(row):
@@ -53,17 +55,19 @@ def collate(rows: list[list], *, packed: bool, pad_to: int | None = None, pad_id
             t += n
             if s.pixel_values is not None and len(s.pixel_values):
                 pix.append(s.pixel_values)
+                frames.append(s.video_frames if s.video_frames is not None
+                              else torch.zeros(len(s.pixel_values), dtype=torch.bool))
     if pix:
         shapes = sorted({tuple(p.shape[1:]) for p in pix})
         if len(shapes) > 1:
             raise ValueError(f"the batch's images have different sizes {shapes} (image_mode=keep keeps aspect "
                              f"ratios): use image_mode=square or pad for a fixed-grid encoder")
-        pixel_values = torch.cat(pix)
+        pixel_values, video_frames = torch.cat(pix), torch.cat(frames)
     else:
         side = image_size or 1
-        pixel_values = torch.zeros(0, 3, side, side)
+        pixel_values, video_frames = torch.zeros(0, 3, side, side), torch.zeros(0, dtype=torch.bool)
     batch = {"input_ids": ids, "labels": labels, "attention_mask": mask, "position_ids": pos,
-             "pixel_values": pixel_values, "_stats": stats}
+             "pixel_values": pixel_values, "video_frames": video_frames, "_stats": stats}
     if packed:
         batch["segment_ids"] = seg
     return batch

@@ -50,14 +50,17 @@ def answer_all(params: dict, cfg: ModelConfig, ds, *, batch_size: int = 32, max_
         bar = tqdm(total=n, desc="eval", unit="q", leave=False, mininterval=1.0)
     for start in range(0, n, batch_size):
         idx = list(range(start, min(n, start + batch_size)))
-        prompts, pix = [], []
+        prompts, pix, frames = [], [], []
         for i in idx:
             ids, px = ds.prompt(i)
             prompts.append(ids.tolist())
             pix.append(px)
+            frames.append(ds.frame_flags(i, px.shape[0]))
         pv = torch.cat(pix) if pix else None
-        res = generate(params, cfg, prompts, pv if pv is not None and pv.shape[0] else None,
-                       Sampling(max_new_tokens=max_new_tokens, stop_strings=stops), tokenizer=ds.tok)
+        has = pv is not None and pv.shape[0]
+        res = generate(params, cfg, prompts, pv if has else None,
+                       Sampling(max_new_tokens=max_new_tokens, stop_strings=stops), tokenizer=ds.tok,
+                       video_frames=torch.cat(frames) if has else None)
         for i, text in zip(idx, res["text"]):
             rec = ds.records[i]
             ref = rec.meta.get("answer", [t.text for t in rec.turns if t.role == "assistant"][-1])
