@@ -110,17 +110,19 @@ def ensure_data(exp: X.Experiment) -> None:
     print("  " + ", ".join(f"{k}={v}" for k, v in counts.items()))
 
 
-def main(argv: list[str]) -> dict:
+def main(argv: list[str], base_exp: X.Experiment | None = None, ensure=None) -> dict:
+    """The whole job from command-line overrides. Another experiment reuses it with its own
+    ``base_exp`` and ``ensure(exp)`` (writes its data when absent), e.g. ``experiments/long_video.py``."""
     t_start = time.time()
     recipe, argv = split_recipe(argv)
-    base_exp = base()
+    base_exp = base_exp or base()
     world = int(os.environ.get("WORLD_SIZE", "1"))
     exp = X.parse(argv, base_exp, world_size=world)
     if recipe == "llava":
         exp = X.validate(llava_recipe(exp))
     threads = loop.pick_threads(exp.run.threads)
     if os.environ.get("LOCAL_RANK", "0") == "0":   # one writer per node
-        ensure_data(exp)
+        (ensure or ensure_data)(exp)
     torch.manual_seed(exp.train.seed)
     cfg, params = base_params(exp)                 # full on every rank; big HF models: par.hf_slices
     exp = replace(exp, model=cfg)

@@ -140,7 +140,8 @@ def _all_gather(x: Tensor, dim: int, group: Group) -> Tensor:
     out = x0.new_empty((n * x0.shape[0],) + tuple(x0.shape[1:]))
     _count(group, "all_gather", out)
     tdist.all_gather_single(out, x0, group=group)
-    return out.movedim(0, dim)
+    # contiguous once here: every linear that reads the gathered sequence then saves this one copy
+    return out.movedim(0, dim).contiguous()
 
 
 def _split(x: Tensor, dim: int, group: Group, rank) -> Tensor:
