@@ -10,7 +10,7 @@ meta device for the rank's coordinates, ZeRO-1 shares from ``Parallel.owners``. 
 (``compute_grads`` returns fp32), AdamW keeps fp32 ``m`` and ``v`` and, under ``bf16_o2``, fp32 masters.
 
 Activations are counted tensor by tensor as this code keeps them for autograd (``activations``):
-RMSNorm keeps an fp32 copy of its input and its normalised output (LayerNorm its input); a
+RMSNorm keeps an fp32 copy of its input and its normalised output (LayerNorm the fp32 copy); a
 column-parallel GEMM keeps its input (under SP the gathered sequence); the attention kernel
 (``flash``, as on GPUs: q, k, v after rotary, output and log-sum-exp; ``math``: also the
 probabilities) keeps under CP the gathered keys and values; SwiGLU keeps both projections, the SiLU
@@ -102,8 +102,9 @@ def _llm_layer(cfg: ModelConfig, plan: Plan, w: Workload, ideal: bool, mask: boo
     tok, rot = b * s, l.rot_dim / d
     gemm_in = (b * q if ideal and sp else tok) * h * a
     qb, kb = tok * H * d * a, tok * KV * d * a
-    rms = l.norm == "rms"                             # ours: an fp32 copy of the input, and the output
-    out = {"norms": 2 * b * q * h * (a if ideal or not rms else 4 + a) + (0 if rms else 2 * b * q * 8),
+    # ours: RMSNorm an fp32 copy of its input and its output; LayerNorm an fp32 copy (+ mean, rstd)
+    norm = a if ideal else (4 + a if l.norm == "rms" else 4)
+    out = {"norms": 2 * b * q * h * norm + (0 if l.norm == "rms" else 2 * b * q * 8),
            "attn_in": gemm_in,
            "q": qb, "k": kb if cp == 1 else 0, "v": kb if cp == 1 else 0,    # the kernel's inputs, after rotary
            "kv_gathered": 2 * b * KV * T * d * a if cp > 1 else 0,
@@ -137,8 +138,9 @@ def _vision(cfg: ModelConfig, plan: Plan, w: Workload) -> int:
     if tower == "frames":
         n = -(-n // (lay.cp * lay.tp))
     P, D = v.tokens_out, v.dim
-    # LayerNorms: inputs and outputs (+ mean, rstd); q, k, v, output (wo's input), log-sum-exp; GELU in, out
-    per_token = 4 * D * a + 16 + 4 * D // t * a + 4 * v.n_heads // t + 2 * v.mlp_dim // t * a
+    # LayerNorms: fp32 copies of the inputs, the outputs (+ mean, rstd); q, k, v, output (wo's input),
+    # log-sum-exp; GELU in, out
+    per_token = 2 * D * (4 + a) + 16 + 4 * D // t * a + 4 * v.n_heads // t + 2 * v.mlp_dim // t * a
     proj = n * P * (D + 2 * cfg.llm.dim) * a
     return n * 3 * v.image_size**2 * a + v.layers_used * n * P * per_token + proj
 
@@ -173,12 +175,16 @@ def activations(cfg: ModelConfig, plan: Plan, rank: int, w: Workload, ideal: boo
 
 
 def korthikanti(cfg: ModelConfig, plan: Plan, w: Workload, selective: bool = True) -> float:
-    """Korthikanti et al. 2022, activation bytes of one transformer layer (16-bit): sbh(34 + 5as/h)
-    without parallelism; /t for tensor + sequence parallelism; selective recomputation drops the 5as/h
-    term (the attention core). Their MLP is 4h wide with dropout; compare against a dense config."""
+    """Korthikanti et al. 2022 (Table 2), activation bytes of one transformer layer in 16 bits:
+    sbh(34 + 5as/h) without parallelism, sbh(10 + 24/t + 5as/(ht)) with tensor parallelism,
+    sbh(34/t + 5as/(ht)) with tensor and sequence parallelism; selective recomputation drops the
+    5as terms (the attention core). Their MLP is 4h wide and they keep dropout masks."""
     lay, l = plan.layout, cfg.llm
     s, b, h, t = _padded(w.seq, lay) // lay.cp, w.micro_batch, l.dim, lay.tp
-    return s * b * h * (34 + (0 if selective else 5 * l.n_heads * s / h)) / (t if lay.sp else 1)
+    core = 0 if selective else 5 * l.n_heads * s / (h * t)
+    if t == 1:
+        return s * b * h * (34 + core)
+    return s * b * h * ((34 / t if lay.sp else 10 + 24 / t) + core)
 
 
 # --------------------------------------------------------------------------------- collectives

@@ -26,6 +26,7 @@ mlp and vocab over tp; layers over pp; the LLM's sequence over cp.
 """
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 import re
@@ -102,6 +103,7 @@ class Layout:
         return Layout(tp=tp, pp=pp, ep=ep, dp=world // m, sp=sp, cp=cp)
 
 
+@functools.lru_cache(maxsize=256)   # stage_of asks once per leaf; the search over splits is the same each time
 def stage_layers(n_layers: int, pp: int, first_cost: float = 0.0, last_cost: float = 0.0) -> list[range]:
     """Contiguous layer ranges per stage minimising the most loaded stage, where each layer costs 1,
     stage 0 also carries ``first_cost`` (vision, projector) and the last ``last_cost`` (LM head)."""
