@@ -78,21 +78,30 @@ def motion_record(split: str, i: int, facts: dict, rng: np.random.Generator) -> 
             "conversations": [{"from": "human", "value": "<video>\n" + q}, {"from": "gpt", "value": facts["direction"]}]}
 
 
-def write_videos(out: Path, *, seed: int, n_train: int, n_eval: int, frames: int, size: int,
-                 progress: bool = False) -> dict:
-    bar = progress_bar(n_train + n_eval, "clips", progress)
-    with tarfile.open(out / "videos.tar", "w", format=tarfile.USTAR_FORMAT) as tar:
-        for split, n in (("video_train", n_train), ("video_eval", n_eval)):
+def write_clips(out: Path, tar_name: str, splits: dict[str, int], seed: int, make, progress: bool = False,
+                desc: str = "clips") -> None:
+    """``splits[split]`` clips per split into ``out/tar_name``: ``make(tar, split, i, rng)`` writes
+    clip i's members and returns its records; each split's records go to ``out/{split}.jsonl``."""
+    bar = progress_bar(sum(splits.values()), desc, progress)
+    with tarfile.open(out / tar_name, "w", format=tarfile.USTAR_FORMAT) as tar:
+        for split, n in splits.items():
             rows = []
             for i in range(n):
-                rng = rng_for(seed, split, i)
-                clip, facts = clip_frames(rng, frames, size)
-                rec = motion_record(split, i, facts, rng)
-                _add(tar, rec["video"], encode_mp4(clip))
-                rows.append(rec)
+                rows += make(tar, split, i, rng_for(seed, split, i))
                 bar.update()
             (out / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     bar.close()
+
+
+def write_videos(out: Path, *, seed: int, n_train: int, n_eval: int, frames: int, size: int,
+                 progress: bool = False) -> dict:
+    def make(tar, split: str, i: int, rng: np.random.Generator) -> list[dict]:
+        clip, facts = clip_frames(rng, frames, size)
+        rec = motion_record(split, i, facts, rng)
+        _add(tar, rec["video"], encode_mp4(clip))
+        return [rec]
+
+    write_clips(out, "videos.tar", {"video_train": n_train, "video_eval": n_eval}, seed, make, progress)
     return {"train_videos": n_train, "eval_videos": n_eval}
 
 
@@ -130,30 +139,24 @@ def write_needles(out: Path, *, seed: int, n_train: int, n_eval: int, min_frames
                   size: int = 32, progress: bool = False) -> dict:
     """``needles.tar`` (a folder of PNG frames per clip) and ``needle_train.jsonl`` (both questions
     as two turns) / ``needle_eval.jsonl`` (one record per question, with ``qtype`` and ``answer``)."""
-    bar = progress_bar(n_train + n_eval, "needle clips", progress)
-    with tarfile.open(out / "needles.tar", "w", format=tarfile.USTAR_FORMAT) as tar:
-        for split, n in (("needle_train", n_train), ("needle_eval", n_eval)):
-            rows = []
-            for i in range(n):
-                rng = rng_for(seed, split, i)
-                frames, facts = needle_frames(rng, int(rng.integers(min_frames, max_frames + 1)), size)
-                clip = f"{split}_{i:06d}"
-                for f, fr in enumerate(frames):
-                    buf = io.BytesIO()
-                    Image.fromarray(fr).save(buf, format="PNG", optimize=False)
-                    _add(tar, f"{clip}/{f:03d}.png", buf.getvalue())
-                qs = needle_questions(facts)
-                base = {"video": clip, "frames": len(frames), "index": facts["index"]}
-                if split == "needle_train":
-                    rng.shuffle(qs)
-                    conv = [{"from": "human", "value": "<video>\n" + qs[0][1]}, {"from": "gpt", "value": qs[0][2]},
-                            {"from": "human", "value": qs[1][1]}, {"from": "gpt", "value": qs[1][2]}]
-                    rows.append({"id": f"{clip}", **base, "qtypes": [q[0] for q in qs], "conversations": conv})
-                else:
-                    rows += [{"id": f"{clip}_{qt}", **base, "qtype": qt, "answer": a,
-                              "conversations": [{"from": "human", "value": "<video>\n" + q}, {"from": "gpt", "value": a}]}
-                             for qt, q, a in qs]
-                bar.update()
-            (out / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    bar.close()
+    def make(tar, split: str, i: int, rng: np.random.Generator) -> list[dict]:
+        frames, facts = needle_frames(rng, int(rng.integers(min_frames, max_frames + 1)), size)
+        clip = f"{split}_{i:06d}"
+        for f, fr in enumerate(frames):
+            buf = io.BytesIO()
+            Image.fromarray(fr).save(buf, format="PNG", optimize=False)
+            _add(tar, f"{clip}/{f:03d}.png", buf.getvalue())
+        qs = needle_questions(facts)
+        base = {"video": clip, "frames": len(frames), "index": facts["index"]}
+        if split == "needle_eval":
+            return [{"id": f"{clip}_{qt}", **base, "qtype": qt, "answer": a,
+                     "conversations": [{"from": "human", "value": "<video>\n" + q}, {"from": "gpt", "value": a}]}
+                    for qt, q, a in qs]
+        rng.shuffle(qs)
+        conv = [{"from": "human", "value": "<video>\n" + qs[0][1]}, {"from": "gpt", "value": qs[0][2]},
+                {"from": "human", "value": qs[1][1]}, {"from": "gpt", "value": qs[1][2]}]
+        return [{"id": clip, **base, "qtypes": [q[0] for q in qs], "conversations": conv}]
+
+    write_clips(out, "needles.tar", {"needle_train": n_train, "needle_eval": n_eval}, seed, make, progress,
+                "needle clips")
     return {"needle_train": n_train, "needle_eval": n_eval}
