@@ -102,10 +102,14 @@ def _pad_to(t: Tensor | None, T: int, value) -> Tensor | None:
     return None if t is None else F.pad(t, (0, T - t.shape[1]), value=value)
 
 
-def seq_multiple(dist: Dist) -> int:
+def sequence_multiple(cp: int, tp: int, sp: bool) -> int:
     """What the LLM's sequence length must be a multiple of: 2 x cp chunks, each split over tp under SP."""
+    return 2 * cp * (tp if sp else 1) if cp > 1 else (tp if sp else 1)
+
+
+def seq_multiple(dist: Dist) -> int:
     d = dist.part("llm")
-    return 2 * d.cp_size * (d.tp_size if d.sp else 1) if d.cp is not None else (d.tp_size if d.sp else 1)
+    return sequence_multiple(d.cp_size if d.cp is not None else 1, d.tp_size, d.sp)
 
 
 def local_len(T: int, dist: Dist) -> int:

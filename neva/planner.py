@@ -87,7 +87,7 @@ def state_bytes(cfg: ModelConfig, plan: Plan, rank: int, w: Workload, specs: dic
 # --------------------------------------------------------------------------------- activations
 def _padded(seq: int, lay) -> int:
     """The sequence as ``model.normalize_batch`` pads it."""
-    m = 2 * lay.cp * (lay.tp if lay.sp else 1) if lay.cp > 1 else (lay.tp if lay.sp else 1)
+    m = model.sequence_multiple(lay.cp, lay.tp, lay.sp and lay.tp > 1)
     return -(-seq // m) * m
 
 
@@ -208,7 +208,7 @@ def collectives(cfg: ModelConfig, plan: Plan, rank: int, w: Workload, label_rows
 
     def add(group: str, kind: str, n: float, times: int = 1) -> None:
         ax = _axis(plan, group)
-        if ax is not None and n:
+        if ax is not None and n and times:
             c[(ax, kind)] += int(n) * times
 
     coords = lay.coords(rank)
@@ -234,10 +234,8 @@ def collectives(cfg: ModelConfig, plan: Plan, rank: int, w: Workload, label_rows
                 add("cp", "reduce_scatter", rows * t * lay.cp)
             if sp:
                 add("tp", "all_gather", b * s * l.dim * pb)       # scatter_seq's backward
-        if stage > 0:
-            add("pp", "send", b * model.local_len(T, _dist(lay)) * l.dim * pb)   # gradients back
-        if stage < lay.pp - 1:
-            add("pp", "send", b * model.local_len(T, _dist(lay)) * l.dim * pb)   # activations forward
+        hop = b * (s // t if sp else s) * l.dim * pb            # what a stage hands the next one, and back
+        add("pp", "send", hop, (stage > 0) + (stage < lay.pp - 1))
         for i in layers:
             moe = bool(l.n_experts)
             if sp:
@@ -302,9 +300,3 @@ def _projector_traffic(cfg: ModelConfig, n: int) -> int:
             o, inp = spec.shape
             out += n * tokens * (inp if spec.axes[0] == "mlp" else (o if spec.axes[1] == "mlp" else 0))
     return out
-
-
-def _dist(lay) -> Dist:
-    """A Dist with this layout's sizes (no groups): what ``model.local_len`` reads."""
-    return Dist(tp=object() if lay.tp > 1 else None, tp_size=lay.tp, cp=object() if lay.cp > 1 else None,
-                cp_size=lay.cp, sp=lay.sp and lay.tp > 1, sp_parts=frozenset({"llm"}), cp_parts=frozenset({"llm"}))
