@@ -92,7 +92,7 @@ def main(argv: list[str]) -> dict:
     if not metrics:
         return {}
     metrics["memory_per_rank"] = ranks
-    run_dir = Path(X.parse([a for a in argv if "=" in a], base()).run.dir)
+    run_dir = Path(X.override(base(), [a for a in argv if "=" in a]).run.dir)
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=1))
     print("peak resident memory per rank: " + ", ".join(f"rank {r}: {m['peak_rss_mb']:.0f} MiB" for r, m in
                                                        enumerate(ranks)))
