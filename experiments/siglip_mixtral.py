@@ -3,7 +3,7 @@ one CPU in under 10 minutes, to answer questions about synthetic images and vide
 
     python experiments/siglip_mixtral.py                                  # the default run
     python experiments/siglip_mixtral.py train.seed=1 run.dir=runs/seed1  # any field: key=value
-    python experiments/siglip_mixtral.py --help                           # every key and its value
+    python experiments/siglip_mixtral.py --help [SECTION]                 # every key: value, type, what it does
     python experiments/siglip_mixtral.py --recipe llava \\
         model.vision.from_pretrained=/models/siglip model.llm.from_pretrained=/models/mixtral
 
@@ -25,12 +25,14 @@ from __future__ import annotations
 import json
 import os
 import sys
+import textwrap
 import time
 from dataclasses import replace
 from pathlib import Path
 
 import torch
 
+from neva import cli, comm
 from neva import experiment as X
 from neva import model
 from neva.config import LLMConfig, ModelConfig, ProjectorConfig, VisionConfig
@@ -39,9 +41,8 @@ from neva.data import synthetic, tokenizers
 from neva.export import base_params, sources
 from neva.params import flatten
 from neva.parallel import runtime
-from neva.train import checkpoint as ckpt
 from neva.train import lora, loop, qa_eval, report
-from neva.train.step import NonFiniteLoss
+from neva.train.threads import pick_threads
 
 DATA = "data/synthetic"
 
@@ -82,11 +83,20 @@ def llava_recipe(exp: X.Experiment) -> X.Experiment:
     return replace(exp, train=t, data=data)
 
 
+RECIPES = {"scratch": "(default) this small NeVA from random init on the synthetic shapes and clips",
+           "llava": "LLaVA's two stages from HF folders (model.vision.from_pretrained and "
+                    "model.llm.from_pretrained): projector pretraining on captions with the encoder and LLM "
+                    "frozen, then projector + LLM on the questions"}
+USAGE = ("usage: python experiments/siglip_mixtral.py [--recipe RECIPE] [key=value ...] [--help [SECTION]]\n\n"
+         + "\n".join(textwrap.fill(v, 104, initial_indent=f"  --recipe {k:8s} ", subsequent_indent=" " * 20)
+                     for k, v in RECIPES.items()))
+
+
 def split_recipe(argv: list[str]) -> tuple[str, list[str]]:
     if "--recipe" in argv:
         i = argv.index("--recipe")
-        if i + 1 >= len(argv) or argv[i + 1] not in ("scratch", "llava"):
-            raise SystemExit("--recipe takes scratch (default) or llava")
+        if i + 1 >= len(argv) or argv[i + 1] not in RECIPES:
+            raise SystemExit(f"--recipe takes one of {', '.join(RECIPES)}\n\n{USAGE}")
         return argv[i + 1], argv[:i] + argv[i + 2:]
     return "scratch", argv
 
@@ -110,17 +120,29 @@ def ensure_data(exp: X.Experiment) -> None:
     print("  " + ", ".join(f"{k}={v}" for k, v in counts.items()))
 
 
+def check_export(exp: X.Experiment) -> None:
+    """An HF export that cannot happen is an error now, not after training."""
+    if exp.checkpoint.export_hf:
+        from neva.hf.translate import llava_json
+        try:
+            llava_json(exp.model, "float32")
+        except ValueError as e:
+            raise X.ConfigError(str(e)) from None
+
+
 def main(argv: list[str], base_exp: X.Experiment | None = None, ensure=None) -> dict:
-    """The whole job from command-line overrides. Another experiment reuses it with its own
-    ``base_exp`` and ``ensure(exp)`` (writes its data when absent), e.g. ``experiments/long_video.py``."""
+    """The job on ``base_exp`` (default ``base()``) with the command line's overrides. Another experiment
+    reuses it with its own ``base_exp`` and ``ensure(exp)`` (writes its data when absent), e.g.
+    ``experiments/long_video.py``."""
     t_start = time.time()
     recipe, argv = split_recipe(argv)
     base_exp = base_exp or base()
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    exp = X.parse(argv, base_exp, world_size=world)
+    exp = X.parse(argv, base_exp, world_size=world, usage=USAGE)
     if recipe == "llava":
         exp = X.validate(llava_recipe(exp))
-    threads = loop.pick_threads(exp.run.threads)
+    check_export(exp)
+    threads, why_threads = pick_threads(exp.run.threads)
     if os.environ.get("LOCAL_RANK", "0") == "0":   # one writer per node
         (ensure or ensure_data)(exp)
     torch.manual_seed(exp.train.seed)
@@ -137,19 +159,28 @@ def main(argv: list[str], base_exp: X.Experiment | None = None, ensure=None) -> 
     say = print if par.main else (lambda *a, **k: None)
     run_dir = Path(exp.run.dir)
     tok = tokenizers.load(exp.data.tokenizer)
-    say(f"model: {report.describe_model(cfg, params)}; {threads} thread(s)")
+    say(f"model: {report.describe_model(cfg, params)}")
+    say(f"threads: {why_threads}")
     if not par.single:
         say(par.plan.summary(cfg, par.specs))
         if pc.zero1 and par.layout.dp > 1:
             say(f"ZeRO-1: the optimizer state of each leaf on one of the {par.layout.dp} dp ranks")
     eval_sets = report.eval_sets(exp, cfg, tok)
     priors: dict = {}                              # the main stage's most common answer per question type
+    loaders = []
 
     def batches_for(stage: loop.Stage):
-        loader = build_loader(stage.exp.data, cfg, tok=tok, progress=exp.run.progress and par.main,
-                              rank=par.dist.data_rank, world=par.dist.data_size)
+        try:
+            loader = build_loader(stage.exp.data, cfg, tok=tok, progress=exp.run.progress and par.main,
+                                  rank=par.dist.data_rank, world=par.dist.data_size)
+        except ValueError as e:              # stage 1 reads what train.pretrain_* say, not data.*
+            if not stage.tag:
+                raise
+            raise type(e)(f"stage 1 (train.pretrain_data={stage.exp.data.data_path}, train.pretrain_template="
+                          f"{stage.exp.data.template}): {e}") from e
         if not stage.tag:
             priors.update(qa_eval.prior_answers(qa_eval.training_answers(loader.ds.records)))
+        loaders.append(loader)
         return loader
 
     def eval_fn(p: dict, step: int) -> dict:
@@ -159,26 +190,36 @@ def main(argv: list[str], base_exp: X.Experiment | None = None, ensure=None) -> 
     from_hf = exp.model.vision.from_pretrained or exp.model.llm.from_pretrained
     res = loop.run(exp, params, batches_for, par=par, eval_fn=eval_fn, sources=sources(exp) if from_hf else None)
     final = par.gather(loop.plain_params(exp, res.state))
+    skipped = skipped_samples(loaders, par)
     t_train = time.time() - t_start
     if not par.main:
         return {}
     metrics = report.final_eval(final, cfg, eval_sets, priors, exp)
     metrics.update(recipe=recipe, seed=t.seed, steps=t.steps, pretrain_steps=t.pretrain_steps,
                    train_seconds=round(t_train, 1), precision=t.precision,
-                   params=sum(v.numel() for v in flatten(final).values()))
+                   params=sum(v.numel() for v in flatten(final).values()),
+                   skipped_samples=skipped, skipped_steps=res.skipped_steps)
     if exp.checkpoint.export_hf:
         from neva import hf
         hf.save(final, cfg, str(run_dir / "hf"))
         tok.save_pretrained(str(run_dir / "hf"))
     report.plot(run_dir)
-    metrics["wall_seconds"] = round(time.time() - t_start, 1)
-    (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=1))
+    segment = {"steps": len(res.rows), "train_seconds": metrics.pop("train_seconds"),
+               "wall_seconds": round(time.time() - t_start, 1), "threads": threads,
+               "resumed_from": str(res.resumed_from) if res.resumed_from else None,
+               "ended": time.strftime("%Y-%m-%d %H:%M:%S")}
+    metrics = report.save_metrics(run_dir, metrics, segment, resumed=res.resumed_from is not None)
     report.print_summary(metrics, run_dir)
     return metrics
 
 
+def skipped_samples(loaders: list, par) -> int:
+    """Samples left out under data.on_bad_sample=skip, over every stage: those the scan dropped (every
+    rank scans them all) and those that failed to load (each data rank loads its own)."""
+    loaded = torch.tensor(float(sum(len(ld.skipped) for ld in loaders)))
+    loaded = comm.all_reduce_nograd(loaded, par.dist.data, "sum")
+    return sum(len(ld.ds.stats.skipped) for ld in loaders) + int(loaded)
+
+
 if __name__ == "__main__":
-    try:
-        main(sys.argv[1:])
-    except (X.ConfigError, ckpt.CheckpointError, NonFiniteLoss) as e:   # the last good state is saved
-        raise SystemExit(f"error: {e}") from None
+    cli.run(main, sys.argv[1:])      # a user's error: one line (--debug: the traceback); the last good state is saved

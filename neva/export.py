@@ -1,8 +1,13 @@
 """Export a training checkpoint, whatever layout wrote it, as a Hugging Face LLaVA folder.
 
-    python -m neva.export runs/siglip_mixtral/checkpoints/step_00000500 out/llava [--config CONFIG]
+    python -m neva.export runs/siglip_mixtral/checkpoints/step_00000500 out/llava [--config CONFIG] [--overwrite]
+    python -m neva.export runs/siglip_mixtral out/llava       # the run's newest complete checkpoint
 
-The run's resolved ``config.json`` is found next to the checkpoint (or given with ``--config``).
+The run's resolved ``config.json`` is found next to the checkpoint (or given with ``--config``);
+the checkpoint must hold exactly the tensors that config's model has (a mismatch is an error naming
+the missing, unexpected and misshapen leaves, never a half-random model). The output folder must be
+empty or new; ``--overwrite`` replaces the files export writes (config.json, the ``model*.safetensors``
+weights and their index, the tokenizer's files) and keeps everything else there.
 The checkpoint is read in one process (DCP reassembles every rank's slices); leaves it left out
 because they were frozen are rebuilt from the recorded base (HF folders or the init seed) and
 checked against its content hash; fp32 master weights are used where the run kept them (bf16_o2);
@@ -19,6 +24,7 @@ from pathlib import Path
 
 import torch.distributed.checkpoint as dcp
 
+from neva import cli
 from neva import experiment as X
 from neva import model
 from neva.config import ModelConfig
@@ -66,6 +72,31 @@ def find_config(ckpt: Path) -> Path:
                             "(the run's resolved config, written to run.dir/config.json)")
 
 
+def find_checkpoint(path: str | Path) -> Path:
+    """``path`` if it is a checkpoint folder (``step_N`` or one with a manifest); for a run folder or
+    its ``checkpoints/`` folder, the newest complete checkpoint of the main stage in it (saying which).
+    Anything else is an error that says which folder to pass and lists the checkpoints it found."""
+    from neva.train import checkpoint as ckpt
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path} does not exist: pass a run folder (run.dir) or one of its "
+                                "checkpoints/step_N folders")
+    if (path / ckpt.MANIFEST).exists() or path.name.startswith("step_"):
+        return path
+    for folder in (path / "checkpoints", path):
+        newest = ckpt.latest(folder)
+        if newest is not None:
+            print(f"exporting the newest complete checkpoint in {folder}: {newest.name} "
+                  f"(complete: {', '.join(d.name for d in ckpt.complete(folder))})")
+            return newest
+    found = sorted(d for d in path.rglob("step_*") if d.is_dir())
+    listing = "\n  ".join(f"{d}  ({'complete' if d in ckpt.complete(d.parent) else 'incomplete or damaged'})"
+                          for d in found) or "(none)"
+    raise FileNotFoundError(f"{path} holds no complete checkpoint of a run's main stage: pass a checkpoint "
+                            f"folder (RUN_DIR/checkpoints/step_N, or RUN_DIR itself to take the newest). "
+                            f"Checkpoint folders under {path}:\n  {listing}")
+
+
 def load_checkpoint_params(path: Path, exp: X.Experiment) -> tuple[ModelConfig, dict]:
     """Full fp32 params of a checkpoint (any layout), frozen leaves rebuilt and verified, LoRA merged."""
     from neva.train import checkpoint as ckpt
@@ -95,9 +126,22 @@ def load_checkpoint_params(path: Path, exp: X.Experiment) -> tuple[ModelConfig, 
     return cfg, params
 
 
-def export(ckpt_path: str | Path, out: str | Path, config: str | Path | None = None) -> Path:
+def check_out(out: Path, overwrite: bool) -> None:
+    """Refuse a file, or a non-empty folder unless ``overwrite``, before anything is read."""
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"{out} is a file: give export a folder to write")
+    there = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    if there and not overwrite:
+        raise FileExistsError(
+            f"{out} is not empty ({', '.join(there[:5])}{' ...' if len(there) > 5 else ''}): choose a new folder, "
+            "or pass --overwrite to replace the files export writes (config.json, model*.safetensors, tokenizer "
+            "files) and keep the others")
+
+
+def export(ckpt_path: str | Path, out: str | Path, config: str | Path | None = None, overwrite: bool = False) -> Path:
     from neva import hf
-    ckpt_path = Path(ckpt_path)
+    ckpt_path = find_checkpoint(ckpt_path)
+    check_out(Path(out), overwrite)
     exp = X.load(config or find_config(ckpt_path))
     cfg, params = load_checkpoint_params(ckpt_path, exp)
     hf.save(params, cfg, str(out))
@@ -113,14 +157,20 @@ def export(ckpt_path: str | Path, out: str | Path, config: str | Path | None = N
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m neva.export", description=__doc__.split("\n\n")[0])
-    ap.add_argument("checkpoint", help="a checkpoint folder (…/checkpoints/step_N)")
+    ap.add_argument("checkpoint", help="a checkpoint folder (RUN_DIR/checkpoints/step_N), or a run folder "
+                                       "(RUN_DIR: its newest complete checkpoint)")
     ap.add_argument("out", help="the HF LLaVA folder to write")
     ap.add_argument("--config", help="the run's config.json (default: found next to the checkpoint)")
+    ap.add_argument("--overwrite", action="store_true",
+                    help="write into a non-empty folder, replacing only the files export writes")
+    ap.add_argument("--debug", action="store_true", help="show the traceback of an error")
     a = ap.parse_args(argv)
     try:
-        out = export(a.checkpoint, a.out, a.config)
-    except (FileNotFoundError, ValueError, RuntimeError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        out = export(a.checkpoint, a.out, a.config, overwrite=a.overwrite)
+    except cli.USER_ERRORS as e:
+        if a.debug or cli.debug([])[0]:
+            raise
+        cli.report(e)
         return 2
     print(f"wrote {out}: load it with transformers' LlavaForConditionalGeneration.from_pretrained({str(out)!r})")
     return 0

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from neva import llm, model
+from neva.batch import Media
 from neva.comm import LOCAL, Dist
 from neva.config import ModelConfig
 
@@ -100,12 +101,12 @@ def _forward(params: dict, cfg: ModelConfig, x_btd: Tensor, pos_bt: Tensor, q_sl
 
 
 @torch.no_grad()
-def generate(params: dict, cfg: ModelConfig, prompts: list[list[int]], pixel_values: Tensor | None = None,
+def generate(params: dict, cfg: ModelConfig, prompts: list[list[int]], pixel_values: Media | None = None,
              sampling: Sampling = Sampling(), tokenizer: Any = None, dist: Dist = LOCAL,
              video_frames: Tensor | None = None) -> dict:
     """Continue each prompt (token ids, image tokens expanded; ``pixel_values`` float[N, 3, H, W] for
-    all images and video frames of all prompts in order; ``video_frames`` bool[N] marks the frames,
-    which matters when the projector pools them). -> {"tokens": [[new ids] per prompt],
+    all images and video frames of all prompts in order, per tower for kind=fused; ``video_frames``
+    bool[N] marks the frames, which matters when the projector pools them). -> {"tokens": [[new ids] per prompt],
     "text": [decoded new text] (with a tokenizer, cut at a stop string), "finish": ["eos" | "stop" |
     "length"]}. Stop strings need ``tokenizer`` (anything with ``decode(ids)``)."""
     s = sampling.validate()

@@ -4,7 +4,8 @@
   input_ids      int[B, T]   images already expanded: each image is ``tokens_per_image`` consecutive
                              ``image_token_id``s (as HF's LlavaProcessor does); a video is its frames
   pixel_values   float[N, 3, H, W]  the images (and video frames) in order of appearance, row-major
-                             over the batch; absent or N = 0 for text-only batches
+                             over the batch; absent or N = 0 for text-only batches. An encoder with
+                             towers (kind=fused) takes {tower kind: float[N, 3, H_t, W_t]} instead
   video_frames   bool[N]     True where a pixel_values row is a video frame: only read when the
                              projector pools frames (``projector.frame_pool`` > 1), when a frame is
                              ``tokens_per_frame`` image tokens and an image ``tokens_per_image``
@@ -25,8 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from neva import comm, llm, projector, vision  # noqa: F401 - importing the parts registers them
-from neva.batch import IGNORE, media_per_row
+from neva import comm, dino, fused, llm, projector, vision  # noqa: F401 - importing the parts registers them
+from neva.batch import IGNORE, Media, media_count, media_map, media_per_row
 from neva.comm import LOCAL, Dist
 from neva.config import ModelConfig
 from neva.loss import LossTerms, cross_entropy_sum, shift_labels
@@ -45,22 +46,33 @@ def init_params(cfg: ModelConfig, seed: int = 0, dtype: torch.dtype = torch.floa
     return init_tree(specs(cfg), seed, dtype)
 
 
-def encode_images(params: dict, cfg: ModelConfig, pixel_values: Tensor, dist: Dist = LOCAL) -> Tensor:
-    """float[N, 3, H, W] -> media embeddings [N, tokens_per_image, D_llm]. A frame-parallel tower
-    (``Dist.frame_parts``) encodes this rank's share of the rows (``comm.frame_share``; the rows
-    padded with blank images to a multiple of cp x tp) and gathers the projected features."""
+def encode_images(params: dict, cfg: ModelConfig, pixel_values: Media, dist: Dist = LOCAL) -> Tensor:
+    """float[N, 3, H, W] (per tower for kind=fused) -> media embeddings [N, tokens_per_image, D_llm]. A
+    frame-parallel tower (``Dist.frame_parts``) encodes this rank's share of the rows (``comm.frame_share``;
+    the rows padded with blank images to a multiple of cp x tp) and gathers the projected features."""
     dtype = params["llm"]["embed"]["w"].dtype
-    x, n = pixel_values.to(dtype), pixel_values.shape[0]
+    x, n = media_map(lambda t: t.to(dtype), pixel_values), media_count(pixel_values)
     shared = "vision" in dist.frame_parts and (dist.cp is not None or dist.tp is not None)
     if shared:
         start, per = comm.frame_share(n, dist)
         pad = per * dist.cp_size * dist.tp_size - n
-        x = torch.cat([x, x.new_zeros((pad,) + tuple(x.shape[1:]))]).narrow(0, start, per)
+        x = media_map(lambda t: torch.cat([t, t.new_zeros((pad,) + tuple(t.shape[1:]))]).narrow(0, start, per), x)
     x = ENCODERS[cfg.vision.kind].apply(params["vision"], x, cfg.vision, dist.part("vision"))
     if shared and "projector" not in dist.frame_parts:
         x = comm.gather_frames(x, dist)[:n]
     x = PROJECTORS[cfg.projector.kind].apply(params["projector"], x, cfg, dist.part("projector"))
     return comm.gather_frames(x, dist)[:n] if shared and "projector" in dist.frame_parts else x
+
+
+def per_example(t: Tensor) -> bool:
+    """True inside ``torch.func.vmap`` (per-example gradients): values are not concrete there, so the
+    checks that read them are skipped and no step may pick rows by value (shapes must not depend on data)."""
+    ft = torch._C._functorch
+    while ft.is_functorch_wrapped_tensor(t):       # grad wraps too: look through every level for a vmap one
+        if ft.is_batchedtensor(t):
+            return True
+        t = ft.get_unwrapped(t)
+    return False
 
 
 def media_tokens(params: dict, cfg: ModelConfig, pixel_values: Tensor, video_frames: Tensor | None = None,
@@ -85,6 +97,8 @@ def media_tokens(params: dict, cfg: ModelConfig, pixel_values: Tensor, video_fra
 
 def check_media(ids_bt: Tensor, n_images: int, cfg: ModelConfig, video_frames: Tensor | None = None) -> None:
     """Raise unless the image tokens of each sample come in whole media and match pixel_values."""
+    if per_example(ids_bt):
+        return
     per_row = media_per_row({"input_ids": ids_bt, "video_frames": video_frames}, cfg)
     if sum(per_row) != n_images or (video_frames is not None and video_frames.shape[0] != n_images):
         raise ValueError(f"the batch has image tokens for {sum(per_row)} images "
@@ -94,8 +108,12 @@ def check_media(ids_bt: Tensor, n_images: int, cfg: ModelConfig, video_frames: T
 def splice(x_btd: Tensor, ids_bt: Tensor, media_nkd: Tensor, image_token_id: int) -> Tensor:
     """Replace the embeddings at image-token positions by the media embeddings, in order."""
     B, T, D = x_btd.shape
-    pos = (ids_bt.reshape(-1) == image_token_id).nonzero()[:, 0]
-    return x_btd.reshape(B * T, D).index_copy(0, pos, media_nkd.reshape(-1, D).to(x_btd.dtype)).view(B, T, D)
+    is_img = ids_bt.reshape(-1) == image_token_id
+    media = media_nkd.reshape(-1, D).to(x_btd.dtype)
+    if per_example(ids_bt):    # no nonzero under vmap: image token j takes media row (images before it)
+        rows = media[(is_img.long().cumsum(0) - 1).clamp(0, max(media.shape[0] - 1, 0))]
+        return torch.where(is_img[:, None], rows, x_btd.reshape(B * T, D)).view(B, T, D)
+    return x_btd.reshape(B * T, D).index_copy(0, is_img.nonzero()[:, 0], media).view(B, T, D)
 
 
 def _pad_to(t: Tensor | None, T: int, value) -> Tensor | None:
@@ -164,7 +182,7 @@ def embed_inputs(params: dict, cfg: ModelConfig, nb: dict, dist: Dist = LOCAL) -
     ids, d = nb["input_ids"], dist.part("llm")
     x = llm.embed(params["llm"], ids, d)
     pix, frames = nb.get("pixel_values"), nb.get("video_frames")
-    n_img = 0 if pix is None else pix.shape[0]
+    n_img = media_count(pix)
     check_media(ids, n_img, cfg, frames)
     if n_img:
         x = splice(x, ids, media_tokens(params, cfg, pix, frames, dist), cfg.image_token_id)
@@ -187,7 +205,10 @@ def trunk(params: dict, cfg: ModelConfig, nb: dict, dist: Dist = LOCAL, *, x: Te
     if loss:                                      # shifted over the whole sequence, then this rank's part
         tgt = comm.cp_local(shift_labels(nb["labels"], nb.get("segment_ids")), d, 1)
         sel = tgt != IGNORE
-        ce, n = cross_entropy_sum(llm.head(params["llm"], x, cfg.llm, d, rows_bt=sel), tgt[sel], d), sel.sum()
+        if per_example(tgt):   # the head on every row; the CE skips IGNORE targets
+            ce, n = cross_entropy_sum(llm.head(params["llm"], x, cfg.llm, d).flatten(0, 1), tgt.flatten(), d), sel.sum()
+        else:                  # the head only where a label is: most rows of a VLM batch are prompt and image
+            ce, n = cross_entropy_sum(llm.head(params["llm"], x, cfg.llm, d, rows_bt=sel), tgt[sel], d), sel.sum()
     return x, LossTerms(ce, n, aux, z)
 
 

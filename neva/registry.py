@@ -1,6 +1,7 @@
 """Parts by name: a config's ``kind`` picks the functions that build and run a part.
 
-    model.vision.kind="siglip"          -> ENCODERS["siglip"]         (neva/vision.py: clip, siglip)
+    model.vision.kind="siglip"          -> ENCODERS["siglip"]         (neva/vision.py: clip, siglip; neva/dino.py: dino;
+                                                                       neva/fused.py: fused, towers of the others)
     model.projector.kind="mlp2x_gelu"   -> PROJECTORS["mlp2x_gelu"]   (neva/projector.py)
     the MLP of each LLM block           -> FFNS["moe" | "swiglu" | "relu2" | "gelu" | "gelu_tanh"] (neva/llm.py)
 

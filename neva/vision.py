@@ -42,26 +42,32 @@ SIGLIP = Flavour(class_token=False, pre_norm=False, patch_bias=True)
 
 
 def specs(cfg: VisionConfig, fl: Flavour) -> dict:
-    d, hd = cfg.dim, cfg.dim // cfg.n_heads
+    d = cfg.dim
     out: dict = {"patch": patch_embedding_specs(3, d, cfg.patch_size, bias=fl.patch_bias)}
     if fl.class_token:
         out["cls"] = ParamSpec((d,), ("embed",), normal(0.02))
     out["pos"] = ParamSpec((cfg.grid**2 + fl.class_token, d), (None, "embed"), normal(0.02))
     if fl.pre_norm:
         out["pre_norm"] = layer_norm_specs(d)
-    out["layers"] = {str(i): {"norm1": layer_norm_specs(d),
-                              "attn": attention_specs(d, cfg.n_heads, cfg.n_heads, hd, bias=True),
-                              "norm2": layer_norm_specs(d),
-                              "mlp": mlp_specs(d, cfg.mlp_dim, bias=True)}
-                     for i in range(cfg.n_layers)}
+    out["layers"] = {str(i): layer_specs(cfg) for i in range(cfg.n_layers)}
     out["post_norm"] = layer_norm_specs(d)
     return out
 
 
+def layer_specs(cfg: VisionConfig) -> dict:
+    d = cfg.dim
+    return {"norm1": layer_norm_specs(d), "attn": attention_specs(d, cfg.n_heads, cfg.n_heads, d // cfg.n_heads, bias=True),
+            "norm2": layer_norm_specs(d), "mlp": mlp_specs(d, cfg.mlp_dim, bias=True)}
+
+
 def block(p: dict, x: Tensor, cfg: VisionConfig, dist: Dist) -> Tensor:
+    """A pre-LN ViT block; with ``ls1``/``ls2`` leaves (DINOv2's layer scale) each branch is scaled
+    per channel before its residual add."""
     hd = cfg.dim // cfg.n_heads
-    x = x + attention(p["attn"], layer_norm(p["norm1"], x, cfg.eps), dist, head_dim=hd, causal=False)
-    return x + mlp(p["mlp"], layer_norm(p["norm2"], x, cfg.eps), dist, cfg.act)
+    a = attention(p["attn"], layer_norm(p["norm1"], x, cfg.eps), dist, head_dim=hd, causal=False)
+    x = x + (a * p["ls1"].to(a.dtype) if "ls1" in p else a)
+    m = mlp(p["mlp"], layer_norm(p["norm2"], x, cfg.eps), dist, cfg.act)
+    return x + (m * p["ls2"].to(m.dtype) if "ls2" in p else m)
 
 
 def embed(p: dict, images_nchw: Tensor, cfg: VisionConfig, fl: Flavour) -> Tensor:
@@ -73,14 +79,26 @@ def embed(p: dict, images_nchw: Tensor, cfg: VisionConfig, fl: Flavour) -> Tenso
     return layer_norm(p["pre_norm"], x, cfg.eps) if fl.pre_norm else x
 
 
-def apply(p: dict, images_nchw: Tensor, cfg: VisionConfig, dist: Dist, fl: Flavour) -> Tensor:
-    """float[N, 3, H, W] -> features [N, tokens(cfg), D_vision] at ``select_layer``."""
+def check_size(images_nchw: Tensor, cfg: VisionConfig) -> None:
+    if not isinstance(images_nchw, Tensor):
+        raise ValueError(f"model.vision.kind={cfg.kind} takes pixel_values as one tensor [N, 3, H, W]; got "
+                         f"{type(images_nchw).__name__} (a dict of towers is for kind=fused)")
     if images_nchw.shape[-2:] != (cfg.image_size, cfg.image_size):
-        raise ValueError(f"pixel_values are {tuple(images_nchw.shape[-2:])}; the encoder expects "
+        raise ValueError(f"pixel_values are {tuple(images_nchw.shape[-2:])}; the {cfg.kind} encoder expects "
                          f"{cfg.image_size}x{cfg.image_size} (model.vision.image_size)")
-    x = embed(p, images_nchw, cfg, fl)
+
+
+def blocks(p: dict, x: Tensor, cfg: VisionConfig, dist: Dist) -> Tensor:
+    """The blocks up to ``select_layer``."""
     for i in range(cfg.layers_used):
         x = block(p["layers"][str(i)], x, cfg, dist)
+    return x
+
+
+def apply(p: dict, images_nchw: Tensor, cfg: VisionConfig, dist: Dist, fl: Flavour) -> Tensor:
+    """float[N, 3, H, W] -> features [N, tokens(cfg), D_vision] at ``select_layer``."""
+    check_size(images_nchw, cfg)
+    x = blocks(p, embed(p, images_nchw, cfg, fl), cfg, dist)
     if fl.class_token and cfg.select_feature == "patch":
         x = x[:, 1:]
     return x

@@ -2,6 +2,7 @@
 on_bad_sample=skip it is counted and logged, and nothing else is dropped."""
 import json
 import logging
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -92,17 +93,38 @@ def test_unknown_template_and_bad_config_values():
         DataConfig(image_mode="crop").validate()
 
 
+def _media_sample(media: dict) -> dict:
+    tag = "<video>" if "video" in media else "<image>"
+    return {"id": "m", **media, "conversations": [{"from": "human", "value": tag + "\nq"}, {"from": "gpt", "value": "a"}]}
+
+
 @pytest.mark.parametrize("media,message", [
-    ({"image": "corrupt.png"}, r"sample 'm'.*image file .*corrupt.png cannot be decoded"),
-    ({"video": "empty.mp4"}, r"sample 'm'.*video .*empty.mp4 is empty"),
-    ({"video": "junk.mp4"}, r"sample 'm'.*video .*junk.mp4 cannot be decoded"),
+    ({"image": "corrupt.png"}, r"sample 'm'.*image file .*corrupt.png is not an image PIL can read"),
+    ({"video": "empty.mp4"}, r"sample 'm'.*video .*empty.mp4 is empty \(0 bytes\)"),
+    ({"video": "junk.mp4"}, r"sample 'm'.*video .*junk.mp4 does not start like an MP4/QuickTime file"),
+])
+def test_media_with_a_bad_header_are_found_at_start(folder, media, message):
+    """Headers and sizes are cheap to read: the scan finds these before training, naming the file and
+    the sample; with skip only that sample goes."""
+    path = write(folder, [GOOD, _media_sample(media)])
+    with pytest.raises(BadSample, match=message):
+        dataset(path)
+    assert [r.id for r in dataset(path, on_bad_sample="skip", max_skip_fraction=0.5).records] == ["ok"]
+
+
+@pytest.mark.parametrize("media,message", [
+    ({"image": "cut.png"}, r"sample 'm'.*image file .*cut.png cannot be decoded"),
+    ({"video": "cut.mp4"}, r"sample 'm'.*video .*cut.mp4 (cannot be decoded|failed to decode)"),
 ])
 def test_media_that_fail_to_decode(folder, media, message, caplog):
-    """Found by the worker that decodes them: error names the file and sample; skip drops only it."""
-    tag = "<video>" if "video" in media else "<image>"
-    bad = {"id": "m", **media, "conversations": [{"from": "human", "value": tag + "\nq"}, {"from": "gpt", "value": "a"}]}
-    path = write(folder, [GOOD, bad])
-    ds = dataset(path)                        # the scan only checks the file is there
+    """A body cut short passes the header check and is found by the worker that decodes it: error
+    names the file and sample; skip drops only it, logged once."""
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (30, 40, 3), dtype=np.uint8)).save(folder / "cut.png")
+    for name in ("v.mp4", "cut.png"):
+        data = (folder / name).read_bytes()
+        (folder / f"cut{Path(name).suffix}").write_bytes(data[:len(data) // 2])
+    path = write(folder, [GOOD, _media_sample(media)])
+    ds = dataset(path)                        # the scan reads headers only
     with pytest.raises((ValueError, FileNotFoundError), match=message):
         ds[1]
     ds = dataset(path, on_bad_sample="skip")
@@ -113,7 +135,7 @@ def test_media_that_fail_to_decode(folder, media, message, caplog):
         it = iter(loader)
         got = [next(it)["input_ids"].shape[0] for _ in range(3)]
     assert got == [1, 1, 1] and loader.stats["skipped"] >= 1 and loader.stats["samples"] >= 3
-    assert any("skipped sample 'm'" in r.message for r in caplog.records)
+    assert sum("skipped sample 'm'" in r.message for r in caplog.records) == 1
 
 
 @pytest.mark.parametrize("num_frames,splice,frames", [(3, None, 3), (8, None, 8), (-1, None, 5), (4, "last", 1)])

@@ -53,7 +53,7 @@ def test_resume_continues_with_exactly_the_next_batches(ds, packing):
     for _ in range(5):
         next(it)
     state = a.state_dict()
-    assert state == {"epoch": 0, "step": 5, "seed": 0}
+    assert state == {"epoch": 0, "step": 5, "seed": 0, "global_batch": 2}
     b = Loader(ds, cfg)                                       # a fresh process after a kill
     b.load_state_dict(state)
     resumed = [batch for _, batch in zip(range(len(run) - 5), b)]

@@ -11,13 +11,14 @@ DATA = "data"
 # first match wins: a folder entry (trailing /) holds every file below it
 FLOORS = [
     ("neva/config.py", 0), ("neva/params.py", 0), ("neva/comm.py", 0), ("neva/loss.py", 0), ("neva/batch.py", 0),
-    ("neva/registry.py", 0), ("neva/overrides.py", 0), ("neva/layers/", 0),
-    ("neva/vision.py", 1), ("neva/projector.py", 1), ("neva/llm.py", 1), ("neva/data/", DATA),
+    ("neva/registry.py", 0), ("neva/overrides.py", 0), ("neva/progress.py", 0), ("neva/layers/", 0),
+    ("neva/vision.py", 1), ("neva/dino.py", 1), ("neva/fused.py", 1), ("neva/projector.py", 1), ("neva/llm.py", 1),
+    ("neva/data/", DATA),
     ("neva/model.py", 2), ("neva/__init__.py", 2),
     ("neva/generate.py", 3), ("neva/parallel/", 3), ("neva/hf/", 3),
     ("neva/train/", 4),
-    ("neva/export.py", 5), ("neva/experiment.py", 5), ("neva/testing/", 5), ("neva/planner.py", 5),
-    ("neva/plan/", 5),
+    ("neva/export.py", 5), ("neva/experiment.py", 5), ("neva/cli.py", 5), ("neva/testing/", 5),
+    ("neva/planner.py", 5), ("neva/plan/", 5),
 ]
 
 

@@ -121,6 +121,9 @@ def test_export_of_a_sharded_checkpoint_loads_in_transformers(saved_tp2pp2, run_
 def test_export_errors_name_the_problem(tmp_path, capsys):
     from neva import export as E
     assert E.main([str(tmp_path / "nope"), str(tmp_path / "out")]) == 2
+    assert "nope does not exist: pass a run folder" in capsys.readouterr().err
+    (tmp_path / "run/checkpoints/step_00000001").mkdir(parents=True)
+    assert E.main([str(tmp_path / "run/checkpoints/step_00000001"), str(tmp_path / "out")]) == 2
     assert "no config.json" in capsys.readouterr().err
 
 

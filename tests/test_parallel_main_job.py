@@ -1,13 +1,10 @@
-"""The main job's model on its real data (32k vocabulary, 8 experts, images and video frames): a few
-fp32 training steps under tp2 x pp2, tp2 + sp with ep2 and dp2 x tp2 on 4 gloo processes give the
-single-process per-step losses (experiments/parallel_equivalence.py runs the 20-step version)."""
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).parents[1] / "experiments"))
+"""The main job's model on its real data (32k vocabulary, 8 experts, images and video frames, from its
+own generator, shrunk): a few fp32 training steps under tp2 x pp2, tp2 + sp with ep2 and dp2 x tp2 on
+4 gloo processes give the single-process per-step losses (experiments/parallel_equivalence.py runs the
+20-step version on the full dataset)."""
 
 
-def test_main_job_model_same_losses_in_every_layout(gloo_pool):
+def test_main_job_model_same_losses_in_every_layout(gloo_pool, job):
     import parallel_equivalence as pe
     res = pe.run(steps=3, batch_size=8, pool=gloo_pool)
     for name in pe.LAYOUTS:

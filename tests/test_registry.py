@@ -94,7 +94,7 @@ def test_a_registered_part_shards_like_the_built_in_ones():
 def test_unknown_names_list_what_is_registered():
     with pytest.raises(ValueError, match=r"model.projector.kind='nope' is not a registered part; registered: .*mlp_downsample"):
         ModelConfig(projector=ProjectorConfig("nope")).validate()
-    with pytest.raises(ValueError, match=r"model.vision.kind='dino'.*clip, siglip"):
-        model.specs(ModelConfig(vision=VisionConfig(kind="dino")))
+    with pytest.raises(ValueError, match=r"model.vision.kind='convnext'.*clip, dino, fused, siglip"):
+        model.specs(ModelConfig(vision=VisionConfig(kind="convnext")))
     with pytest.raises(ValueError, match="already registered"):
         PROJECTORS.register("linear", Projector(pool_specs, pool_apply))

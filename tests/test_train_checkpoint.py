@@ -10,12 +10,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from train_helpers import batch, max_diff, params, tiny_cfg
 
 from neva.params import flatten
 from neva.train import checkpoint as ckpt
 from neva.train import optim
 from neva.train import step as S
-from train_helpers import batch, max_diff, params, tiny_cfg
+from neva.train.metrics import read_metrics
 
 SCRIPT = textwrap.dedent('''
     import os, sys, torch
@@ -151,7 +152,7 @@ def test_loop_saves_the_last_good_state_when_losses_go_bad(tmp_path):
         loop.train(exp, params(cfg), batches())
     last = ckpt.latest(tmp_path / "checkpoints")
     assert last is not None and last.name == "step_00000004"
-    rows = loop.read_metrics(tmp_path)
+    rows = read_metrics(tmp_path)
     assert [r["skipped_now"] for r in rows] == [False, False, True, True] and rows[-1]["step"] == 4
     st = S.init_state(params(cfg), loop.make_setup(exp))
     assert ckpt.load(last, st)["step"] == 4 and st.step == 2 and st.skipped == 2

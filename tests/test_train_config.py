@@ -80,4 +80,72 @@ def test_help_lists_keys(capsys):
     with pytest.raises(SystemExit):
         X.parse(["--help"], base())
     out = capsys.readouterr().out
-    assert "train.precision='fp32'" in out and "model.vision.select_layer=" in out and "data.template=" in out
+    assert "train.precision=fp32" in out and "model.vision.select_layer=" in out and "data.template=" in out
+
+
+def test_help_describes_every_key():
+    """Every key of the main job's experiment has a one-line description (the comment after its field),
+    and the values it takes; enumerated values are all named where the validators define them."""
+    import sys
+    from pathlib import Path
+
+    from neva import overrides
+    from neva.data.config import IMAGE_MODES, ON_BAD, PACKING_ALGOS
+    from neva.data.templates import TEMPLATES
+    from neva.parallel.pipeline import SCHEDULES
+    from neva.train.precision import NAMES
+    from neva.train.remat import METHODS
+    from neva.train.step import MODES
+    sys.path.insert(0, str(Path(__file__).parents[1] / "experiments"))
+    import siglip_mixtral as job
+    rows = overrides.entries(job.base())
+    assert len(rows) > 100 and {e.key for e in rows} >= set(overrides.keys(job.base()))
+    undocumented = [e.key for e in rows if not e.doc.strip()]
+    assert not undocumented, f"add a # comment after these fields: {undocumented}"
+    assert all(e.kind for e in rows)
+    doc = {e.key: e.doc for e in rows}
+    for key, allowed in [("train.precision", NAMES), ("train.remat", METHODS), ("train.mode", MODES),
+                         ("parallel.pp_schedule", SCHEDULES), ("data.template", TEMPLATES),
+                         ("data.image_mode", IMAGE_MODES), ("data.packing_algorithm", PACKING_ALGOS),
+                         ("data.on_bad_sample", ON_BAD)]:
+        missing = [v for v in allowed if v not in doc[key]]
+        assert not missing, f"{key}'s comment does not name {missing}"
+
+
+def test_help_for_one_section(capsys):
+    with pytest.raises(SystemExit):
+        X.parse(["--help", "parallel"], base(), usage="usage: job.py [--recipe R]")
+    out = capsys.readouterr().out
+    keys = [line.split()[0] for line in out.splitlines() if line.startswith("  ") and "=" in line.split()[0]]
+    assert keys[:2] == ["parallel.tp=1", "parallel.pp=1"] and len(keys) == 6
+    assert all(k.startswith("parallel.") for k in keys) and "usage: job.py [--recipe R]" in out
+    assert "true | false" in out and "tensor parallel" in out
+    with pytest.raises(X.ConfigError, match="did you mean 'parallel'"):
+        X.parse(["--help=paralel"], base())
+
+
+def test_field_comments_are_read_from_the_source():
+    from dataclasses import dataclass
+
+    from neva import overrides
+
+    @dataclass(frozen=True)
+    class Inner:
+        """An inner section."""
+
+        a: int = 1          # the a
+        b: str = "x"        # the b, whose comment
+        #                     goes on
+        c: float | None = None
+
+    @dataclass(frozen=True)
+    class Outer:
+        inner: Inner = Inner()   # ignored: the section's docstring says it
+        d: tuple[int, ...] = (1, 2)  # some ints
+
+    rows = {e.key: e for e in overrides.entries(Outer())}
+    assert rows["inner"].is_section and rows["inner"].doc == "An inner section."
+    assert rows["inner.a"].doc == "the a" and rows["inner.a"].kind == "int" and rows["inner.a"].value == "1"
+    assert rows["inner.b"].doc == "the b, whose comment goes on"
+    assert rows["inner.c"].doc == "" and rows["inner.c"].kind == "float | none"
+    assert rows["d"].kind == "int,..." and rows["d"].value == "1,2"

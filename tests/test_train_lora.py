@@ -1,12 +1,13 @@
 """LoRA: zero effect at init, only LoRA leaves train (autograd and torch.func agree), merge on export."""
 import pytest
 import torch
+from train_helpers import batch, max_diff, params, tiny_cfg
 
 from neva import model
 from neva.params import flatten
 from neva.train import lora, optim
 from neva.train import step as S
-from train_helpers import batch, max_diff, params, tiny_cfg
+from neva.train.metrics import read_metrics
 
 
 @pytest.mark.parametrize("targets", ["attn", "mlp", "all"])
@@ -80,4 +81,4 @@ def test_eval_during_training_sees_the_merged_model(tmp_path):
     wq = [k for k in now if k.startswith("llm/") and k.endswith("attn/wq/w")]
     assert wq and all(now[k].dtype == torch.float32 for k in now)
     assert all(not torch.equal(now[k], base[k]) and not torch.equal(now[k], end[k]) for k in wq)  # step 1's LoRA
-    assert "eval/x" in loop.read_metrics(tmp_path)[0]
+    assert "eval/x" in read_metrics(tmp_path)[0]

@@ -29,9 +29,17 @@ def workdir(tmp_path, monkeypatch):
 
 
 def test_main_job_writes_every_output_and_resumes(workdir, capsys):
+    """Every output; without a terminal (capsys is none) progress lines for steps, data scans and
+    evaluation; rerun, it resumes at the end and keeps the first run's history."""
     args = SMALL + ["train.steps=4", "train.pretrain_steps=2", "checkpoint.every=2", "eval.every=2",
-                    "eval.max_samples=6", "run.dir=runs/t"]
+                    "eval.max_samples=6", "run.dir=runs/t", "run.progress=true", "run.print_every=2"]
     m = job.main(args)
+    out = capsys.readouterr().out
+    steps = [ln.split(" | ")[0] for ln in out.splitlines() if ": step " in ln]
+    assert steps == ["stage 1 (captions): step 2/2", "stage 2 (questions): step 2/4", "stage 2 (questions): step 4/4"]
+    assert "tokens/s " in out and "ETA " in out and "step 2: held-out image_acc " in out
+    assert "scan train.jsonl: sample 40/40 | " in out and "eval: question 6/6 | " in out
+    assert "threads: " in out and "run.threads" in out
     assert not Path(job.DATA).exists()                      # the job's own dataset is only made when used
     run = workdir / "runs/t"
     for kind, types in (("image", {"colour", "shape", "count", "position", "yesno"}), ("video", {"motion"})):
@@ -46,15 +54,23 @@ def test_main_job_writes_every_output_and_resumes(workdir, capsys):
     assert (run / "loss_curve.png").stat().st_size > 1000 and any((run / "tb").iterdir())
     assert json.loads((run / "config.json").read_text())["train"]["steps"] == 4
     assert ckpt.latest(run / "checkpoints").name == "step_00000004"
-    out = capsys.readouterr().out
-    assert "held-out image questions:" in out and "prior" in out
+    assert "held-out image questions:" in out and "prior" in out and "hf/" in out.splitlines()[-1]
+    assert m["skipped_samples"] == 0 and m["skipped_steps"] == 0 and "skipped: 0 samples" in out
     from transformers import LlavaForConditionalGeneration
     hf = LlavaForConditionalGeneration.from_pretrained(str(run / "hf"))
     assert hf.config.text_config.num_local_experts == 4
-    # same command again: resumes at the end, trains nothing, evaluates the same model
+    mode = (run / "hf/config.json").stat().st_mode & 0o777
+    assert (run / "hf/model.safetensors").stat().st_mode & 0o777 == mode       # safetensors alone would give 0600
+    events = sorted((run / "tb").iterdir())
+    # same command again: resumes at the end, trains nothing, evaluates the same model, keeps the history
     m2 = job.main(args)
     assert m2["image"] == m["image"]
     assert "resumed from" in capsys.readouterr().out
+    saved = json.loads((run / "metrics.json").read_text())
+    assert [s["steps"] for s in saved["segments"]] == [4, 0] and saved["segments"][0] == m["segments"][0]
+    assert saved["train_seconds"] == round(sum(s["train_seconds"] for s in saved["segments"]), 1)
+    assert saved["wall_seconds"] >= m["wall_seconds"]
+    assert sorted((run / "tb").iterdir()) == events                             # no empty second events file
 
 
 def test_resume_from_a_path_picks_its_stage(workdir, capsys):
@@ -63,9 +79,9 @@ def test_resume_from_a_path_picks_its_stage(workdir, capsys):
     args = SMALL + ["train.steps=3", "train.pretrain_steps=2", "checkpoint.every=1", "checkpoint.keep_last=0",
                     "eval.max_samples=2", "run.dir=runs/r", "checkpoint.export_hf=false"]
     job.main(args)
+    assert "hf/" not in capsys.readouterr().out.splitlines()[-1]                # checkpoint.export_hf=false
     ck = workdir / "runs/r/checkpoints"
     assert ckpt.tag_of(ck / "pretrain/step_00000001") == "pretrain" and ckpt.tag_of(ck / "step_00000002") == ""
-    capsys.readouterr()
     job.main(args + [f"train.resume={ck / 'pretrain/step_00000001'}", "run.dir=runs/r1"])
     out = capsys.readouterr().out
     assert out.count("resumed from") == 1 and "pretrain/step_00000001 at step 1" in out
@@ -78,9 +94,10 @@ def test_resume_from_a_path_picks_its_stage(workdir, capsys):
     assert [r["step"] for r in rows] == [5]
 
 
-def test_lora_run_exports_merged_weights(workdir):
-    """A LoRA run: its hf/ folder and ``python -m neva.export`` of its checkpoint hold the same merged
-    weights (no LoRA leaves), which differ from the base where LoRA applies and nowhere else."""
+def test_lora_run_exports_merged_weights(workdir, capsys):
+    """A LoRA run: its hf/ folder and ``python -m neva.export`` of its checkpoint (or of the run folder:
+    its newest checkpoint) hold the same merged weights (no LoRA leaves), which differ from the base
+    where LoRA applies and nowhere else. A folder without checkpoints: an error saying what to pass."""
     from neva import export as E
     from neva import hf
     from neva.params import flatten
@@ -92,6 +109,17 @@ def test_lora_run_exports_merged_weights(workdir):
     a, b = flatten(hf.load(str(run / "hf"))[1]), flatten(hf.load(str(workdir / "out"))[1])
     assert a.keys() == b.keys() and not any("_lora_" in k for k in a)
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    capsys.readouterr()
+    assert E.main([str(run), str(workdir / "out2")]) == 0
+    assert "newest complete checkpoint in " + str(run / "checkpoints") + ": step_00000002" in capsys.readouterr().out
+    c = flatten(hf.load(str(workdir / "out2"))[1])
+    assert all(torch.equal(b[k], c[k]) for k in b)
+    (run / "checkpoints/step_00000009").mkdir()                      # an interrupted save: no manifest
+    (run / "checkpoints/step_00000002/manifest.json").unlink()
+    assert E.main([str(run), str(workdir / "out3")]) == 2
+    err = capsys.readouterr().err
+    assert "holds no complete checkpoint" in err and "step_00000009  (incomplete or damaged)" in err
+    assert "RUN_DIR/checkpoints/step_N" in err and not (workdir / "out3").exists()
     exp = job.X.parse(args, job.base())
     base = {k: v for k, v in flatten(E.base_params(exp)[1]).items() if "_lora_" not in k}
     changed = {k for k in base if not torch.allclose(a[k], base[k], atol=1e-7)}
@@ -103,6 +131,14 @@ def test_bad_overrides_fail_before_anything_runs(workdir):
         job.main(["train.step=3"])
     with pytest.raises(job.X.ConfigError, match="must divide data.batch_size"):
         job.main(["train.grad_accum=5"])
+
+
+def test_stage_one_data_errors_name_the_pretrain_keys(workdir):
+    """Stage 1 reads train.pretrain_data with train.pretrain_template: its errors say so, not data.*."""
+    with pytest.raises(ValueError, match=r"stage 1 \(train.pretrain_data=small/captions.jsonl, "
+                                         r"train.pretrain_template=llama_3\): template llama_3 needs"):
+        job.main(SMALL + ["train.steps=1", "train.pretrain_steps=1", "train.pretrain_template=llama_3",
+                          "run.dir=runs/pt", "eval.max_samples=1"])
 
 
 def _tiny_hf_parts(root: Path):
@@ -178,12 +214,36 @@ def test_main_job_under_torchrun_and_resumed_in_another_layout(workdir):
 
 
 def test_thread_choice():
-    from neva.train.loop import pick_threads
+    from neva.train.threads import pick_threads, thread_choice
     before = torch.get_num_threads()
     try:
-        assert pick_threads(1) == 1 and torch.get_num_threads() == 1
+        assert pick_threads(1) == (1, "run.threads=1: 1 thread") and torch.get_num_threads() == 1
         import os
-        n = pick_threads(0)
-        assert n == torch.get_num_threads() and n in (1, len(os.sched_getaffinity(0)))
+        n, why = pick_threads(0)
+        assert n == torch.get_num_threads() and n in (1, len(os.sched_getaffinity(0))) and "run.threads" in why
     finally:
         torch.set_num_threads(before)
+    assert thread_choice(2, 1.0, 3.0, load=5.1) == (1, "the CPU is busy (load 5.1 on 2 cores): 1 thread")
+    assert thread_choice(2, 1.0, 0.55, load=0.2) == (2, "2 cores, 1.8x faster than 1: 2 threads")
+    assert thread_choice(2, 1.0, 0.9, load=0.2)[1].startswith("2 threads were not faster than 1 here")
+
+
+def test_loss_curve_ticks_carry_numbers():
+    """A loss falling from 10 to 0.43: the log axis labels 1-2-3-5 ticks in each decade, so a number
+    sits within 1.5x of the final loss (matplotlib's default labels only 1 and 10 here); the axis
+    label gives the final running mean."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from neva.train import report
+    rows = [{"step": i + 1, "loss": 10.0 * 0.985 ** i + 0.4} for i in range(400)]
+    fig = report.loss_figure(rows, "t")
+    fig.canvas.draw()
+    ax = fig.axes[0]
+    lo, hi = ax.get_ylim()
+    labelled = [t.get_position()[1] for t in ax.get_yticklabels() if t.get_text() and lo <= t.get_position()[1] <= hi]
+    final = sum(r["loss"] for r in rows[-20:]) / 20
+    assert len(labelled) >= 4 and min(max(v / final, final / v) for v in labelled) <= 1.5, labelled
+    assert f"{final:.3f}" in ax.get_ylabel()
+    plt.close(fig)

@@ -15,7 +15,9 @@ ON_BAD = ("error", "skip")
 
 @dataclass(frozen=True)
 class DataConfig:
-    data_path: str = "data/synthetic/train.jsonl"   # LLaVA JSON (a list) or JSONL (one record a line)
+    """The data pipeline: LLaVA files, template, tokenizer, media, packing, batches."""
+
+    data_path: str = "data/synthetic/train.jsonl"   # training files, comma-separated: LLaVA JSON (a list) or JSONL
     eval_path: str | None = "data/synthetic/eval.jsonl"  # held-out records (same format)
     image_folder: str | None = None       # image paths are relative to this (default: the data file's folder)
     video_folder: str | None = None       # a folder or a .tar of videos (default: the data file's folder)
@@ -31,13 +33,14 @@ class DataConfig:
     frame_folder_fps: float = 1.0         # the rate a video given as frame images was extracted at
     max_seq_len: int = 256                # longer samples are truncated (counted, never inside a media span)
     packing: bool = False                 # pack samples into rows of max_seq_len
-    packing_algorithm: str = "first_fit_decreasing"  # or first_fit_shuffle
+    packing_algorithm: str = "first_fit_decreasing"  # first_fit_decreasing | first_fit_shuffle
     pad_to_max_seq_len: bool = False      # unpacked rows: pad every batch to max_seq_len (fixed shapes)
     batch_size: int = 8                   # rows per step on each data-parallel rank
-    shuffle: bool = True
-    seed: int = 0
+    shuffle: bool = True                  # a new sample order every epoch (false: file order)
+    seed: int = 0                         # the sample order (resumable: a checkpoint holds the position)
     num_workers: int = 2                  # DataLoader worker processes (decode images and video)
     on_bad_sample: str = "error"          # error: stop naming the sample | skip: count, log and go on
+    max_skip_fraction: float = 0.01       # skip: more skipped samples than this fraction of the data (>= 1) is an error
 
     def validate(self) -> "DataConfig":
         """Raise on a value that cannot work, naming the ``data.`` field and what would."""
@@ -65,6 +68,8 @@ class DataConfig:
             raise ValueError(f"data.max_seq_len={self.max_seq_len} must be at least 2")
         if self.batch_size < 1:
             raise ValueError(f"data.batch_size={self.batch_size} must be at least 1")
+        if not 0 <= self.max_skip_fraction <= 1:
+            raise ValueError(f"data.max_skip_fraction={self.max_skip_fraction} must lie in [0, 1]")
         if self.num_workers < 0:
             raise ValueError(f"data.num_workers={self.num_workers} must be >= 0")
         return self

@@ -1,12 +1,15 @@
 """Records -> checked, tokenised samples with their pixels; the map-style dataset the loader reads.
 
 ``NevaDataset`` reads and validates every record up front (a *scan*: parse, render, tokenise,
-check media files exist) so a bad sample is reported before training starts, with its id, and so
-packing knows every length. Workers re-tokenise (deterministic) and decode the media.
+check media files exist and their headers read: cheap, no decoding) so a bad sample is reported
+before training starts, with its id, and so packing knows every length. Workers re-tokenise
+(deterministic) and decode the media.
 
 ``on_bad_sample``: ``error`` raises ``BadSample`` naming the sample; ``skip`` drops it, counts it in
 ``stats`` and logs it. A sample whose media turn out corrupt only when a worker decodes them is
-skipped the same way, by the loader (``Loader.stats``).
+skipped the same way, by the loader (``Loader.skipped``). More skipped samples than
+``data.max_skip_fraction`` of the data (at least one is allowed) is an error naming the first ones
+(``check_skips``): a skip setting must never hide a dataset that does not load.
 """
 from __future__ import annotations
 
@@ -18,12 +21,14 @@ import numpy as np
 import torch
 from PIL import Image
 
+from neva.batch import Media, media_cat, media_count, media_map
 from neva.data import images as imaging
 from neva.data import templates, tokenizers
 from neva.data.config import DataConfig
 from neva.data.records import Record, read
 from neva.data.tokenize import BadSample, Encoded, encode
 from neva.data.video import VideoSource, timestamp_text
+from neva.progress import Progress
 
 log = logging.getLogger("neva.data")
 
@@ -43,9 +48,10 @@ class Sample:
     id: str
     input_ids: torch.Tensor | None = None          # int64[T]
     labels: torch.Tensor | None = None             # int64[T]
-    pixel_values: torch.Tensor | None = None       # float32[n_media_images, 3, H, W]
+    pixel_values: Media | None = None              # float32[n_media_images, 3, H, W] (per tower: a dict)
     video_frames: torch.Tensor | None = None       # bool[n_media_images]: True for a video's frames
     skipped: str | None = None
+    error: str | None = None                       # on_bad_sample=error: why it failed (the Loader raises it)
     truncated: int = 0
 
 
@@ -59,6 +65,14 @@ class ScanStats:
     def summary(self) -> str:
         return (f"{self.records} samples kept, {len(self.skipped)} skipped, {self.truncated} truncated "
                 f"({self.truncated_tokens} tokens cut)")
+
+
+LOAD_ERRORS = (BadSample, FileNotFoundError, ValueError, OSError)   # what a bad sample raises when loaded
+
+
+def named(rec: Record, e: Exception) -> str:
+    """An error's message, naming the sample unless it already does."""
+    return str(e) if rec.name in str(e) else f"{rec.name}: {e}"
 
 
 def _paths(spec: str | list[str]) -> list[Path]:
@@ -93,10 +107,22 @@ class NevaDataset(torch.utils.data.Dataset):
         self.stats.records = len(self.records)
         if self.stats.skipped or self.stats.truncated:
             log.warning("data scan: %s (max_seq_len=%d)", self.stats.summary(), cfg.max_seq_len)
+        self.check_skips()
         if not self.records:
             raise ValueError(f"no usable samples in {cfg.data_path if data_path is None else data_path}")
 
     # ------------------------------------------------------------------------------------ scan
+    def check_skips(self, later: list[str] = ()) -> None:
+        """Raise BadSample if the scan's skips plus ``later`` ones (found when decoding) are more than
+        ``data.max_skip_fraction`` of the samples (at least one is allowed), naming the first."""
+        bad = self.stats.skipped + list(later)
+        total = len(self.records) + len(self.stats.skipped)
+        limit = max(1, int(self.cfg.max_skip_fraction * total))
+        if len(bad) > limit:
+            raise BadSample(f"{len(bad)} of {total} samples could not be used, more than data.max_skip_fraction="
+                            f"{self.cfg.max_skip_fraction} allows ({limit}); the first: " + " | ".join(bad[:3])
+                            + (" ..." if len(bad) > 3 else "") + ". Fix or remove them, or raise data.max_skip_fraction")
+
     def _bad(self, msg: str) -> None:
         if self.cfg.on_bad_sample == "error":
             raise BadSample(msg)
@@ -105,6 +131,8 @@ class NevaDataset(torch.utils.data.Dataset):
 
     def _scan_file(self, path: Path, lengths: list, progress: bool) -> None:
         recs, skipped = read(path, self.cfg.on_bad_sample)
+        if not recs and not skipped:
+            log.warning("data file %s holds no records", path)
         for msg in skipped:
             self._bad(msg)
         root = path.parent
@@ -112,18 +140,15 @@ class NevaDataset(torch.utils.data.Dataset):
         src = Source(Path(self.cfg.image_folder) if self.cfg.image_folder else root,
                      VideoSource(vroot) if any(r.videos for r in recs) else None)
         self.sources.append(src)
-        it = recs
-        if progress:
-            from tqdm import tqdm
-
-            it = tqdm(recs, desc=f"scan {path.name}", unit="sample", leave=False)
-        for rec in it:
+        bar = Progress(len(recs), f"scan {path.name}", unit="sample", on=progress, leave=False)
+        for rec in recs:
+            bar.update()
             try:
                 self._check_media(rec, src)
                 frames, times = self._frames(rec, src)
                 enc = self._encode(rec, frames, times)
             except (BadSample, FileNotFoundError, ValueError) as e:
-                self._bad(str(e) if rec.name in str(e) else f"{rec.name}: {e}")
+                self._bad(named(rec, e))
                 continue
             if enc.truncated:
                 self.stats.truncated += 1
@@ -133,14 +158,18 @@ class NevaDataset(torch.utils.data.Dataset):
             self.frames.append(frames)
             self.times.append(times)
             lengths.append(len(enc))
+        bar.close()
 
     def _check_media(self, rec: Record, src: Source) -> None:
+        """Each media file exists and its header reads (no decoding: a truncated body shows at load)."""
         for p in rec.images:
             if not (src.image_root / p).is_file():
                 raise FileNotFoundError(f"{rec.name}: image file {src.image_root / p} does not exist")
+            imaging.check_header(src.image_root / p, rec.name)
         for v in rec.videos:
             if not src.video.exists(v):
                 raise FileNotFoundError(f"{rec.name}: video {src.video.where(v)} does not exist")
+            src.video.check_header(v, rec.name)
 
     def _frames(self, rec: Record, src: Source) -> tuple[list[int], list[list[float]]]:
         """Media images per media tag, and each video's frame timestamps (read from the video's header
@@ -192,23 +221,23 @@ class NevaDataset(torch.utils.data.Dataset):
         flags = [tag == "<video>" for tag, n in zip(self.records[i].media_tags(), self.frames[i]) for _ in range(n)]
         return torch.tensor(flags[:n_images], dtype=torch.bool)
 
-    def media(self, i: int, n_spans: int | None = None) -> torch.Tensor:
-        """float32[N, 3, H, W]: the images and video frames of the first ``n_spans`` media tags."""
+    def media(self, i: int, n_spans: int | None = None) -> Media:
+        """float32[N, 3, H, W] (per tower for kind=fused): the images and video frames of the first
+        ``n_spans`` media tags."""
         rec, src = self.records[i], self.sources[self.source_of[i]]
         tags = rec.media_tags()[:n_spans]
         out, ii, vi = [], 0, 0
         for tag in tags:
             if tag == "<image>":
                 img = imaging.open_image(src.image_root / rec.images[ii], rec.name)
-                out.append(imaging.process(img, self.spec)[None])
+                out.append(media_map(lambda t: t[None], imaging.process(img, self.spec)))
                 ii += 1
             else:
                 fr, _ = src.video.sample(rec.videos[vi], self.choice, rec.name)
-                out.append(torch.stack([imaging.process(Image.fromarray(f), self.spec) for f in fr]))
+                out.append(media_cat([media_map(lambda t: t[None], imaging.process(Image.fromarray(f), self.spec))
+                                      for f in fr]))
                 vi += 1
-        if not out:
-            return torch.zeros(0, 3, self.spec.size, self.spec.size)
-        return torch.cat(out)
+        return media_cat(out) if out else imaging.empty(self.spec)
 
     def __getitem__(self, i: int) -> Sample:
         rec = self.records[i]
@@ -216,18 +245,18 @@ class NevaDataset(torch.utils.data.Dataset):
             enc = self.encoded(i)
             pix = self.media(i, len(enc.spans))
             want = sum(s.frames for s in enc.spans)
-            if pix.shape[0] != want:
-                raise BadSample(f"{rec.name}: decoded {pix.shape[0]} media images where the tokens hold {want}")
-        except (BadSample, FileNotFoundError, ValueError, OSError) as e:
+            if media_count(pix) != want:
+                raise BadSample(f"{rec.name}: decoded {media_count(pix)} media images where the tokens hold {want}")
+        except LOAD_ERRORS as e:
             if self.cfg.on_bad_sample == "error":
                 raise
-            return Sample(rec.id, skipped=str(e) if rec.name in str(e) else f"{rec.name}: {e}")
+            return Sample(rec.id, skipped=named(rec, e))
         return Sample(rec.id, torch.from_numpy(enc.input_ids), torch.from_numpy(enc.labels), pix,
-                      self.frame_flags(i, pix.shape[0]), truncated=enc.truncated)
+                      self.frame_flags(i, media_count(pix)), truncated=enc.truncated)
 
     def prompt(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         """For generation: sample i's turns up to (not including) its last gpt reply, rendered with the
-        open assistant prefix -> (input_ids int64[T], pixel_values float32[N, 3, H, W]). The reply it
+        open assistant prefix -> (input_ids int64[T], pixel_values float32[N, 3, H, W] or per tower). The reply it
         should produce is ``records[i].turns[-1].text`` (``records[i].meta`` has ``answer``/``qtype``)."""
         rec = self.records[i]
         turns = self._turns(rec, self.times[i])

@@ -6,7 +6,13 @@
         ckpt["data"] = loader.state_dict()   # {"epoch", "step", "seed"}: batches already yielded
     loader.load_state_dict(ckpt["data"])     # the next batch is the one that would have come next
 
-``loader.stats`` counts samples, skipped samples (with their messages logged) and truncations.
+``loader.stats`` counts samples, skipped samples and truncations; ``loader.skipped`` holds the
+message of each sample skipped when loaded (logged once per sample; past ``data.max_skip_fraction``
+the loader raises, naming the first). Under ``on_bad_sample=error`` a sample that fails in a worker
+is raised here as ``BadSample`` with its message alone. ``loader.batch_ids``: the sample ids of the
+batch just yielded. Resuming with another global batch (``data.batch_size`` x data ranks) continues
+at exactly the next sample when the samples already seen in the epoch fill whole new batches, and
+is an error otherwise.
 """
 from __future__ import annotations
 
@@ -20,7 +26,9 @@ import torch
 
 from neva.data.collate import collate
 from neva.data.config import DataConfig
-from neva.data.dataset import NevaDataset
+from neva.data.dataset import LOAD_ERRORS, NevaDataset, Sample, named
+from neva.data.images import empty
+from neva.data.tokenize import BadSample
 from neva.data.packing import batched_padding_fraction, pack, padding_fraction
 from neva.data.sampler import ResumableSampler, SamplerState, _Steps
 
@@ -39,7 +47,13 @@ class _Rows(torch.utils.data.Dataset):
         return len(self.rows)
 
     def __getitem__(self, u: int) -> list:
-        return [self.ds[i] for i in self.rows[u]]
+        return [self._sample(i) for i in self.rows[u]]
+
+    def _sample(self, i: int) -> Sample:
+        try:
+            return self.ds[i]
+        except LOAD_ERRORS as e:        # on_bad_sample=error: the message goes to the main process
+            return Sample(self.ds.records[i].id, error=named(self.ds.records[i], e))
 
 
 def make_rows(ds: NevaDataset, cfg: DataConfig) -> list[list[int]]:
@@ -58,9 +72,11 @@ class Loader:
                                         shuffle=cfg.shuffle)
         self.state = SamplerState(seed=cfg.seed)
         self.stats: Counter = Counter()
+        self.skipped: dict[str, None] = {}        # messages of samples skipped when loaded, in order, once each
+        self.batch_ids: list[str] = []
         pad_id = ds.tok.pad_token_id if ds.tok.pad_token_id is not None else 0
         pad_to = cfg.max_seq_len if (cfg.packing or cfg.pad_to_max_seq_len) else None
-        self.collate = partial(collate, packed=cfg.packing, pad_to=pad_to, pad_id=pad_id, image_size=ds.spec.size)
+        self.collate = partial(collate, packed=cfg.packing, pad_to=pad_to, pad_id=pad_id, empty=empty(ds.spec))
         if cfg.packing:
             log.info("packing %d samples into %d rows of %d (%s): %.1f%% padding", len(ds), len(self.rows),
                      cfg.max_seq_len, cfg.packing_algorithm, 100 * padding_fraction(ds.lengths, self.rows,
@@ -74,16 +90,32 @@ class Loader:
     def steps_per_epoch(self) -> int:
         return self.sampler.steps_per_epoch
 
+    @property
+    def global_batch(self) -> int:
+        return self.cfg.batch_size * self.world
+
     def state_dict(self) -> dict:
-        return self.state.as_dict()
+        return {**self.state.as_dict(), "global_batch": self.global_batch}
 
     def load_state_dict(self, d: dict) -> None:
         st = SamplerState(int(d["epoch"]), int(d["step"]), int(d["seed"]))
         if st.seed != self.cfg.seed:
             raise ValueError(f"the checkpoint's data seed is {st.seed} but data.seed={self.cfg.seed}")
+        was = int(d.get("global_batch", self.global_batch))
+        if was != self.global_batch:          # the same next sample, if the seen ones fill whole new batches
+            seen = st.step * was
+            if seen % self.global_batch:
+                raise ValueError(
+                    f"the checkpoint stopped {seen} samples into epoch {st.epoch} with {was} rows per step "
+                    f"(data.batch_size x data-parallel ranks); this run takes {self.global_batch}, which does not "
+                    f"divide {seen}, so it could not continue at the next sample: resume with data.batch_size="
+                    f"{was // self.world} or one whose rows per step divide {seen}")
+            st = SamplerState(st.epoch, seen // self.global_batch, st.seed)
+            if st.step >= self.sampler.steps_per_epoch:     # the epoch's rest is less than a batch: its tail
+                st = SamplerState(st.epoch + 1, 0, st.seed)
         if not 0 <= st.step < self.sampler.steps_per_epoch:
             raise ValueError(f"data state step={st.step} is outside an epoch of {self.sampler.steps_per_epoch} "
-                             f"steps: the dataset or the global batch size changed since the checkpoint")
+                             f"steps: the dataset changed since the checkpoint")
         self.state = st
 
     def _dataloader(self):
@@ -95,11 +127,18 @@ class Loader:
     def __iter__(self):
         for batch in self._dataloader():
             st = batch.pop("_stats")
+            if st["errors"]:
+                raise BadSample(st["errors"][0])
             self.state = self.sampler.advance(self.state)
             self.stats.update(batches=1, samples=st["samples"], truncated=st["truncated"], skipped=len(st["skipped"]))
             for msg in st["skipped"]:
-                log.warning("skipped %s", msg)
+                if msg not in self.skipped:
+                    self.skipped[msg] = None
+                    log.warning("skipped %s", msg)
+            if st["skipped"]:
+                self.ds.check_skips(list(self.skipped))
             if "input_ids" in batch:       # a batch whose samples were all skipped yields nothing
+                self.batch_ids = st["ids"]
                 yield batch
 
     def padding_report(self) -> dict:
@@ -136,7 +175,7 @@ def one_pass(ds: NevaDataset, cfg: DataConfig, *, rank: int = 0, world: int = 1,
     pad_id = ds.tok.pad_token_id if ds.tok.pad_token_id is not None else 0
     for rows in steps:
         batch = collate([[ds[i] for i in row] for row in rows], packed=False, pad_to=pad_to, pad_id=pad_id,
-                        image_size=ds.spec.size)
+                        empty=empty(ds.spec))
         batch.pop("_stats")
         if "input_ids" in batch:
             yield batch

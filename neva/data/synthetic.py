@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from neva.data.progress import bar as progress_bar
+from neva.progress import Progress
 from neva.data.shapes import COLOURS, KINDS, QUADRANTS, Shape, render_scene, rng_for
 
 QTYPES = ("colour", "shape", "count", "position", "yesno")
@@ -136,7 +136,7 @@ def generate(out_dir: str | Path, *, seed: int = 0, train_images: int = 3000, ev
 
     out = Path(out_dir)
     (out / "images").mkdir(parents=True, exist_ok=True)
-    bar = progress_bar(train_images + eval_images, "images", progress)
+    bar = Progress(train_images + eval_images, "write images", unit="image", on=progress, leave=False)
     train, caps, held = [], [], []
     for i in range(train_images):
         rng = rng_for(seed, "train", i)

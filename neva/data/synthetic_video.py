@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from neva.data.progress import bar as progress_bar
+from neva.progress import Progress
 from neva.data.shapes import BACKGROUND, COLOURS, KINDS, Shape, draw_shape, rng_for
 
 DIRECTIONS = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
@@ -79,10 +79,10 @@ def motion_record(split: str, i: int, facts: dict, rng: np.random.Generator) -> 
 
 
 def write_clips(out: Path, tar_name: str, splits: dict[str, int], seed: int, make, progress: bool = False,
-                desc: str = "clips") -> None:
+                desc: str = "write clips") -> None:
     """``splits[split]`` clips per split into ``out/tar_name``: ``make(tar, split, i, rng)`` writes
     clip i's members and returns its records; each split's records go to ``out/{split}.jsonl``."""
-    bar = progress_bar(sum(splits.values()), desc, progress)
+    bar = Progress(sum(splits.values()), desc, unit="clip", on=progress, leave=False)
     with tarfile.open(out / tar_name, "w", format=tarfile.USTAR_FORMAT) as tar:
         for split, n in splits.items():
             rows = []

@@ -89,6 +89,15 @@ class FrameChoice:
         return frame_indices(n_total, self.num_frames, self.splice)
 
 
+# (extensions, a test on the first 12 bytes, the container's name) for the scan's header check
+CONTAINERS = (
+    ((".mp4", ".m4v", ".mov", ".3gp"),
+     lambda b: b[4:8] in (b"ftyp", b"moov", b"mdat", b"free", b"wide", b"skip", b"pnot"), "an MP4/QuickTime file"),
+    ((".mkv", ".webm"), lambda b: b[:4] == b"\x1a\x45\xdf\xa3", "a Matroska/WebM file"),
+    ((".avi",), lambda b: b[:4] == b"RIFF" and b[8:12] == b"AVI ", "an AVI file"),
+)
+
+
 class VideoSource:
     """Videos by relative name from ``root``: a folder, or a ``.tar`` whose members are indexed once."""
 
@@ -143,6 +152,33 @@ class VideoSource:
         off, size = self.index[name]
         self._fh.seek(off)
         return self._fh.read(size)
+
+    def head(self, name: str, n: int = 12) -> tuple[bytes, int]:
+        """The first ``n`` bytes of a video and its size, without reading the rest."""
+        if self.index is not None:
+            if name not in self.index:
+                raise FileNotFoundError(f"video {name!r} is not a member of {self.root}")
+            off, size = self.index[name]
+            with open(self.root, "rb") as f:
+                f.seek(off)
+                return f.read(min(n, size)), size
+        with open(self.root / name, "rb") as f:
+            return f.read(n), os.fstat(f.fileno()).st_size
+
+    def check_header(self, name: Name, sample: str = "") -> None:
+        """Cheap check at scan time: the video is not empty and starts as its container must (for the
+        extensions in ``CONTAINERS``); decoding errors show only when a worker reads the frames. A video
+        given as frame images has no container: ``exists`` found them, a bad one shows when decoded."""
+        if self.frame_files(name) is not None:
+            return
+        pre = f"{sample}: " if sample else ""
+        head, size = self.head(name)
+        if size == 0:
+            raise ValueError(f"{pre}video {self.where(name)} is empty (0 bytes)")
+        for exts, looks_right, what in CONTAINERS:
+            if name.lower().endswith(exts) and not looks_right(head):
+                raise ValueError(f"{pre}video {self.where(name)} does not start like {what} (first bytes {head!r}): "
+                                 "the file is corrupt or not a video")
 
     def reader(self, name: str, sample: str = ""):
         """A decord VideoReader; raise naming the video (and sample) when missing, unreadable or empty."""

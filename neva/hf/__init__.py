@@ -102,19 +102,22 @@ def _vision_dict(folder: str) -> dict:
         return vd
     if d.get("model_type") not in translate.VISION_TYPES:
         raise ValueError(f"{where}: model_type={d.get('model_type')!r}, architectures={d.get('architectures')}: "
-                         f"expected a CLIPVisionModel / SiglipVisionModel (or CLIPModel / SiglipModel) folder")
+                         f"expected a CLIPVisionModel / SiglipVisionModel (or CLIPModel / SiglipModel) or "
+                         f"Dinov2Model / Dinov2WithRegistersModel folder")
     return d
 
 
 def load_vision(folder: str, *, select_layer: int = -2, select_feature: str = "patch",
                 dtype: torch.dtype | None = None, shard: Shard | None = None) -> tuple[VisionConfig, dict]:
     """A CLIPVisionModel / SiglipVisionModel folder (or a full CLIPModel / SiglipModel, of which the
-    vision tower is taken) -> (VisionConfig, params of ``neva.vision``)."""
+    vision tower is taken), or a Dinov2Model / Dinov2WithRegistersModel folder -> (VisionConfig, params
+    of that encoder). A DINOv2 starts at its trained image size; ``dataclasses.replace(cfg,
+    image_size=224)`` runs it at another (the position table is resampled, as HF does)."""
     vc = translate.vision_config(_vision_dict(folder), os.path.join(folder, "config.json"), select_layer,
                                  select_feature)
     spec = {f"vision/{p}": s for p, s in flatten(ENCODERS[vc.kind].specs(vc)).items()}
     with Checkpoint(folder) as ck:
-        lay = K.detect_vision(ck.keys, folder)
+        lay = K.detect_vision(ck.keys, folder, vc.kind)
         flat = _read(ck, lay, spec, dtype=dtype, shard=shard, vision_only=True)
     return dataclasses.replace(vc, from_pretrained=folder), unflatten(flat)["vision"]
 

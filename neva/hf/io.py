@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from contextlib import ExitStack
 import torch
 from safetensors import safe_open
@@ -22,14 +23,24 @@ from torch import Tensor
 
 SINGLE = "model.safetensors"
 INDEX = "model.safetensors.index.json"
+WEIGHT_FILE = re.compile(r"model(-\d{5}-of-\d{5})?\.safetensors|model\.safetensors\.index\.json")  # what write() writes
 Index = tuple[slice, ...]
 
 
 def read_json(path: str) -> dict:
+    """A JSON object from ``path``; an error naming the file when it is missing, not JSON or not an object."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path} not found: expected a Hugging Face folder written by save_pretrained")
-    with open(path) as f:
-        return json.load(f)
+    try:
+        with open(path, encoding="utf-8") as f:
+            d = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON ({e}): is the file truncated or from another program? "
+                         "Re-download it or save the model again") from None
+    if not isinstance(d, dict):
+        raise ValueError(f"{path} holds a JSON {type(d).__name__}, not an object: expected a Hugging Face "
+                         "config.json ({\"model_type\": ...})")
+    return d
 
 
 def check_index(index: Index, shape: tuple[int, ...], key: str) -> None:
@@ -86,7 +97,11 @@ class Checkpoint:
     def _handle(self, fname: str):
         if fname not in self._open:
             path = os.path.join(self.folder, fname)
-            self._open[fname] = self._stack.enter_context(safe_open(path, framework="pt"))
+            try:
+                self._open[fname] = self._stack.enter_context(safe_open(path, framework="pt"))
+            except Exception as e:  # noqa: BLE001 - safetensors raises its own SafetensorError
+                raise ValueError(f"{path} is not a readable safetensors file ({e}): it is truncated or corrupt; "
+                                 "re-download it or save the model again") from None
         return self._open[fname]
 
     @property
@@ -117,13 +132,20 @@ def _nbytes(t: Tensor) -> int:
     return t.numel() * t.element_size()
 
 
+def _new_file_mode() -> int:
+    """The mode ``open()`` gives a new file here: 0o666 less the process umask."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 def write(tensors: list[tuple[str, Tensor]], folder: str, max_shard_bytes: int) -> list[str]:
     """Write ``(key, tensor)`` pairs as one ``model.safetensors`` or, above ``max_shard_bytes``, as
     shards of at most that size (a larger tensor gets a shard of its own) plus the index json.
     Shards are materialised on the CPU one at a time. Returns the file names written."""
     os.makedirs(folder, exist_ok=True)
-    for f in os.listdir(folder):                      # stale shards of an earlier save would be loaded too
-        if f.startswith("model") and (f.endswith(".safetensors") or f == INDEX):
+    for f in os.listdir(folder):      # an earlier save's weights (a stale index would be loaded); nothing else
+        if WEIGHT_FILE.fullmatch(f):
             os.remove(os.path.join(folder, f))
     plan: list[list[int]] = [[]]
     size = 0
@@ -141,6 +163,7 @@ def write(tensors: list[tuple[str, Tensor]], folder: str, max_shard_bytes: int) 
     for name, idx in zip(names, plan):
         shard = {tensors[i][0]: tensors[i][1].detach().contiguous().cpu() for i in idx}
         save_file(shard, os.path.join(folder, name), metadata=meta)
+        os.chmod(os.path.join(folder, name), _new_file_mode())   # safetensors writes 0600; the folder is shared
         weight_map.update({k: name for k in shard})
         del shard
     if len(plan) == 1:

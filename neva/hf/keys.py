@@ -13,6 +13,7 @@ Layouts (prefixes before the module names, which are the same everywhere):
                                  model.multi_modal_projector.*
   XForCausalLM                   model.*, lm_head.weight
   CLIP/SigLIP vision or full     vision_model.* (older and full models) or * (5.x vision models)
+  Dinov2[WithRegisters]Model     * (or dinov2.* / dinov2_with_registers.* inside a classifier)
 """
 from __future__ import annotations
 
@@ -35,6 +36,7 @@ class Layout:
     vision: str | None = None
     projector: str | None = None
     moe: str = "block_sparse_moe"
+    vision_names: str = "vit"        # how the vision tower's modules are named: vit (CLIP, SigLIP) | dino
 
 
 HUB = Layout(llm="language_model.model.", lm_head="language_model.lm_head.weight",
@@ -74,7 +76,13 @@ def detect_llm(keys: set[str], folder: str) -> Layout:
     return Layout(llm=llm, lm_head="lm_head.weight", moe=_moe_form(keys, llm))
 
 
-def detect_vision(keys: set[str], folder: str) -> Layout:
+def detect_vision(keys: set[str], folder: str, kind: str = "clip") -> Layout:
+    if kind == "dino":
+        for c in ("", "dinov2.", "dinov2_with_registers."):
+            if c + _DINO_ANCHOR in keys:
+                return Layout(vision=c, vision_names="dino")
+        raise ValueError(f"{folder}: cannot find the DINOv2 weights: expected {_DINO_ANCHOR} (or under dinov2.); "
+                         f"the checkpoint has e.g. {sorted(keys)[:6]}")
     return Layout(vision=_find(keys, "vision", ["vision_model.", ""], folder))
 
 
@@ -88,6 +96,13 @@ _VISION = {"patch": "embeddings.patch_embedding", "cls": "embeddings.class_embed
            "layers": "encoder.layers", "norm1": "layer_norm1", "norm2": "layer_norm2", "attn": "self_attn",
            "wq": "q_proj", "wk": "k_proj", "wv": "v_proj", "wo": "out_proj", "mlp": "mlp", "fc1": "fc1",
            "fc2": "fc2", "w": "weight", "b": "bias"}
+_DINO = {"patch": "embeddings.patch_embeddings.projection", "cls": "embeddings.cls_token",
+         "registers": "embeddings.register_tokens", "pos": "embeddings.position_embeddings", "layers": "encoder.layer",
+         "norm1": "norm1", "norm2": "norm2", "attn": "attention", "wq": "attention.query", "wk": "attention.key",
+         "wv": "attention.value", "wo": "output.dense", "ls1": "layer_scale1.lambda1", "ls2": "layer_scale2.lambda1",
+         "mlp": "mlp", "fc1": "fc1", "fc2": "fc2", "post_norm": "layernorm", "w": "weight", "b": "bias"}
+_DINO_ANCHOR = "embeddings.patch_embeddings.projection.weight"
+_VISION_NAMES = {"vit": _VISION, "dino": _DINO}
 _PROJ = {"fc1": "linear_1", "fc2": "linear_2", "w": "weight", "b": "bias"}
 _MOE = re.compile(r"^layers/(\d+)/mlp/(router|w1|w2|w3)$")
 
@@ -112,7 +127,7 @@ def rule(path: str, shape: tuple[int, ...], lay: Layout) -> Rule:
     """The rule for our leaf ``path`` (e.g. llm/layers/0/attn/wq/w) of full ``shape``."""
     part, rel = path.split("/", 1)
     if part == "vision":
-        return Rule(path, (lay.vision + _name(rel, _VISION),), shape)
+        return Rule(path, (lay.vision + _name(rel, _VISION_NAMES[lay.vision_names]),), shape)
     if part == "projector":
         return Rule(path, (lay.projector + _name(rel, _PROJ),), shape)
     if rel == "lm_head/w":
@@ -168,8 +183,9 @@ def write(path: str, t: Tensor, lay: Layout) -> list[tuple[str, Tensor]]:
 
 
 # Tensors a checkpoint may hold that our model does not use: rotary caches of old checkpoints, CLIP's
-# position_ids buffer, SigLIP's pooling head (LLaVA reads hidden states, never the pooled output).
-IGNORED = [re.compile(p) for p in (r"\.rotary_emb\.inv_freq$", r"embeddings\.position_ids$")]
+# position_ids buffer, SigLIP's pooling head (LLaVA reads hidden states, never the pooled output),
+# DINOv2's mask token (used only by its masked-image pretraining).
+IGNORED = [re.compile(p) for p in (r"\.rotary_emb\.inv_freq$", r"embeddings\.position_ids$", r"embeddings\.mask_token$")]
 
 
 def ignored(key: str, lay: Layout, vision_only: bool = False) -> bool:

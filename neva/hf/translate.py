@@ -1,5 +1,5 @@
-"""config.json <-> our configs, for LLaVA, CLIP / SigLIP vision towers and Llama / Mistral / Mixtral /
-Nemotron decoders.
+"""config.json <-> our configs, for LLaVA, CLIP / SigLIP / DINOv2 vision towers and Llama / Mistral /
+Mixtral / Nemotron decoders.
 
 Reads both config generations: transformers 4.x (``rope_theta``, ``rope_scaling`` with ``rope_type``
 or ``type``, a top-level ``partial_rotary_factor``) and 5.x (``rope_parameters`` holding all of them).
@@ -17,7 +17,8 @@ from dataclasses import replace
 from neva.config import LLMConfig, ModelConfig, ProjectorConfig, RopeScaling, VisionConfig
 
 LLM_TYPES = ("llama", "mistral", "mixtral", "nemotron")
-VISION_TYPES = {"clip_vision_model": "clip", "siglip_vision_model": "siglip"}
+VISION_TYPES = {"clip_vision_model": "clip", "siglip_vision_model": "siglip", "dinov2": "dino",
+                "dinov2_with_registers": "dino"}
 
 _DECODER = dict(vocab_size=32000, hidden_size=4096, num_hidden_layers=32, num_attention_heads=32,
                 head_dim=None, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=None,
@@ -40,6 +41,12 @@ DEFAULTS: dict[str, dict] = {
     "siglip_vision_model": dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
                                 num_attention_heads=12, image_size=224, patch_size=16,
                                 hidden_act="gelu_pytorch_tanh", layer_norm_eps=1e-6, num_channels=3),
+    "dinov2": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, mlp_ratio=4, image_size=224,
+                   patch_size=14, hidden_act="gelu", layer_norm_eps=1e-6, num_channels=3, qkv_bias=True,
+                   use_swiglu_ffn=False),
+    "dinov2_with_registers": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, mlp_ratio=4,
+                                  image_size=224, patch_size=16, hidden_act="gelu", layer_norm_eps=1e-6,
+                                  num_channels=3, qkv_bias=True, use_swiglu_ffn=False, num_register_tokens=4),
     # LlavaConfig: its default vision tower (CLIP ViT-L/14-336) and llama text config
     "llava": dict(image_token_index=32000, projector_hidden_act="gelu", vision_feature_select_strategy="default",
                   vision_feature_layer=-2, multimodal_projector_bias=True, tie_word_embeddings=False),
@@ -160,14 +167,34 @@ def vision_config(d: dict, where: str, select_layer: int = -2, select_feature: s
     dim, heads = int(f.get("hidden_size")), int(f.get("num_attention_heads"))
     if dim % heads:
         raise ValueError(f"{where}: vision hidden_size={dim} does not divide into num_attention_heads={heads}")
+    extra: dict = {}
+    if mt.startswith("dinov2"):
+        extra = _dino_fields(f, where)
     cfg = VisionConfig(kind=VISION_TYPES[mt], image_size=int(f.get("image_size")), patch_size=int(f.get("patch_size")),
                        dim=dim, n_layers=int(f.get("num_hidden_layers")), n_heads=heads,
-                       mlp_dim=int(f.get("intermediate_size")), eps=float(f.get("layer_norm_eps")),
-                       act=VISION_ACTS[act], select_layer=select_layer, select_feature=select_feature)
+                       mlp_dim=extra.pop("mlp_dim", None) or int(f.get("intermediate_size")),
+                       eps=float(f.get("layer_norm_eps")), act=VISION_ACTS[act], select_layer=select_layer,
+                       select_feature=select_feature, **extra)
     if not -cfg.n_layers - 1 <= select_layer <= cfg.n_layers:
         raise ValueError(f"{where}: vision feature layer {select_layer} is out of range for "
                          f"{cfg.n_layers} layers (hidden_states has {cfg.n_layers + 1} entries)")
     return cfg
+
+
+def _dino_fields(f: Fields, where: str) -> dict:
+    """What a Dinov2 / Dinov2WithRegisters config adds: the MLP width from ``mlp_ratio``, register
+    tokens, and the position table's image size (the input size starts equal; change ``image_size``
+    to run at another size, as HF does with ``interpolate_pos_encoding``)."""
+    if f.get("use_swiglu_ffn"):
+        raise ValueError(f"{where}: use_swiglu_ffn=true (DINOv2 giant) is not supported; only the GELU MLP is")
+    if not f.get("qkv_bias"):
+        raise ValueError(f"{where}: qkv_bias=false is not supported (our DINOv2 attention has q, k, v biases)")
+    regs = int(f.get("num_register_tokens", 0))
+    if f.d.get("model_type") == "dinov2_with_registers" and regs == 0:
+        raise ValueError(f"{where}: a dinov2_with_registers model with num_register_tokens=0: HF resamples its "
+                         f"positions with antialias, which we tie to having registers; save it as a dinov2 model")
+    return dict(mlp_dim=int(int(f.get("hidden_size")) * f.get("mlp_ratio")), n_registers=regs,
+                pos_image_size=int(f.get("image_size")))
 
 
 def select_feature(kind: str, strategy: str, where: str) -> str:
@@ -280,6 +307,16 @@ def vision_json(v: VisionConfig) -> dict:
 
 def llava_json(cfg: ModelConfig, dtype_name: str) -> dict:
     """ModelConfig -> LlavaForConditionalGeneration config.json."""
+    if cfg.vision.towers:
+        raise ValueError(f"cannot export model.vision.kind={cfg.vision.kind!r} (towers "
+                         f"{' + '.join(t.kind for t in cfg.vision.towers)}) to Hugging Face: transformers has no LLaVA "
+                         f"class for an encoder whose towers' features are concatenated. Keep the neva checkpoint "
+                         f"(it loads with neva.train.checkpoint in any layout), or train a single clip or siglip tower "
+                         f"to export; with the main job, set checkpoint.export_hf=false")
+    if cfg.vision.kind not in ("clip", "siglip"):
+        raise ValueError(f"cannot export model.vision.kind={cfg.vision.kind!r} to Hugging Face: LLaVA folders hold a "
+                         f"CLIP or SigLIP vision tower. Keep the neva checkpoint; with the main job, set "
+                         f"checkpoint.export_hf=false")
     if cfg.projector.kind != "mlp2x_gelu":
         raise ValueError(f"cannot export projector {cfg.projector.kind!r}: HF LLaVA's projector is mlp2x_gelu "
                          f"(linear, GELU, linear); train with model.projector.kind=mlp2x_gelu to export")

@@ -44,17 +44,18 @@ def make_mask(q_pos: Tensor, k_pos: Tensor, *, causal: bool = True, window: int 
     q_seg, k_seg: packed-sample ids (attention never crosses samples); k_valid: bool[B, Tk] padding.
     A query with nothing to attend to (a padding row) is allowed itself, so no row is all-masked.
     """
+    # out of place: under vmap (per-example gradients) the padding and segments are batched, the positions not
     m = torch.ones(q_pos.shape[0], q_pos.shape[1], k_pos.shape[1], dtype=torch.bool, device=q_pos.device)
     d = q_pos[:, :, None] - k_pos[:, None, :]
     if causal:
-        m &= d >= 0
+        m = m & (d >= 0)
     if window is not None:
-        m &= d < window
+        m = m & (d < window)
     if q_seg is not None:
-        m &= q_seg[:, :, None] == k_seg[:, None, :]
+        m = m & (q_seg[:, :, None] == k_seg[:, None, :])
     if k_valid is not None:
-        m &= k_valid[:, None, :]
-    m |= d == 0
+        m = m & k_valid[:, None, :]
+    m = m | (d == 0)
     return m[:, None]
 
 

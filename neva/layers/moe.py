@@ -43,7 +43,7 @@ def balance_losses(logits_ne: Tensor, topi_nk: Tensor, valid_n: Tensor | None, d
     """(aux, z) for this rank's tokens: see the module docstring."""
     E, k = logits_ne.shape[-1], topi_nk.shape[-1]
     w = torch.ones(logits_ne.shape[0], device=logits_ne.device) if valid_n is None else valid_n.float()
-    counts = torch.zeros(E, device=logits_ne.device).index_add_(
+    counts = torch.zeros(E, device=logits_ne.device).index_add(     # out of place: vmap (per-example grads)
         0, topi_nk.reshape(-1), w.repeat_interleave(k)).detach()
     n = w.sum().detach()
     if dist.sp:  # the sequence is split over tp: statistics span the whole sequence

@@ -39,7 +39,12 @@ def _my_micro_batches(par: Parallel, cfg: ModelConfig, batch: dict, n_micro: int
     shards = split(batch, cfg, lay.dp * lay.ep)
     mine = [split(s, cfg, n_micro) for s in shards]
     idx = [lay.data_index(lay.coords(r)) for r in range(lay.world)]
-    return [{k: mode.rank_map(lambda r, k=k, m=m: mine[idx[r]][m][k]) for k in mine[0][m]} for m in range(n_micro)]
+
+    def per_rank(m: int, k: str):
+        if isinstance(mine[0][m][k], dict):                  # pixel_values per tower (kind=fused)
+            return {t: mode.rank_map(lambda r, t=t: mine[idx[r]][m][k][t]) for t in mine[0][m][k]}
+        return mode.rank_map(lambda r: mine[idx[r]][m][k])
+    return [{k: per_rank(m, k) for k in mine[0][m]} for m in range(n_micro)]
 
 
 def sharded_grads(par: Parallel, params: dict, cfg: ModelConfig, batch: dict, n_micro: int = 1,

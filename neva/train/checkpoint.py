@@ -11,8 +11,14 @@ how each tensor is wrapped (issue 6), never the format:
 
 Atomic: everything goes to ``<dir>/.tmp-step_N``, then ``manifest.json`` (file names, sizes and
 checksums) is written last and the folder renamed to ``<dir>/step_N``. A folder without a manifest,
-or whose files disagree with it, is incomplete or damaged: ``latest`` skips it (saying so), ``load``
-refuses it with a clear error.
+or whose files disagree with it, is incomplete or damaged: ``latest`` skips it (saying which and why),
+``load`` refuses it with a clear error.
+
+One run per folder: before a run writes to a checkpoint folder, ``claim`` refuses a fresh start next
+to an intact checkpoint of an earlier run, and moves damaged checkpoints, and those later than the
+one a run resumes (an abandoned continuation), to ``<dir>/set_aside/``, saying which. ``keep_last``
+clean-up never deletes the checkpoint just written, never counts a damaged one among those it keeps,
+and leaves alone any later than the step it saved.
 
 Sharded (issue 6): under a parallel plan (``par``) every tensor is wrapped as a DTensor with the
 plan's placements, so each rank writes its own slices and a checkpoint written under one layout loads
@@ -141,34 +147,78 @@ def save(ckpt_dir: str | Path, step: int, state: TrainState, meta: dict | None =
         if final.exists():                               # re-saving a step: the new one wins
             shutil.rmtree(final)
         os.replace(tmp, final)
+        _VERIFIED[str(final.resolve())] = _stamp(final)   # its checksums were just computed from these files
         if keep_last:
-            for old in complete(ckpt_dir)[:-keep_last]:
-                shutil.rmtree(old, ignore_errors=True)
+            _clean_up(ckpt_dir, step, keep_last)
     _barrier()
     return final
+
+
+def _clean_up(ckpt_dir: Path, step: int, keep_last: int) -> None:
+    """Keep ``step`` (just written) and the newest intact checkpoints before it, ``keep_last`` in all.
+    Older ones go, a damaged one among them without counting (said once); later ones are not this
+    run's (``claim`` set them aside at start; another run writing here now?) and stay."""
+    kept = 1
+    for n, d in reversed(_step_dirs(ckpt_dir)):
+        if n > step:
+            print(f"note: {d} is later than step {step}, which this run just saved: is another run writing to "
+                  f"{ckpt_dir}? left as it is")
+            continue
+        if n == step:
+            continue
+        if kept < keep_last:
+            why = _problem(d, verify=True)
+            if why is None:
+                kept += 1
+                continue
+            print(f"removing damaged checkpoint {d}: {why}")
+        shutil.rmtree(d, ignore_errors=True)
+
+
+_VERIFIED: dict[str, tuple] = {}     # checkpoint -> its files' (name, size, mtime) when their checksums last matched
+
+
+def _stamp(path: Path) -> tuple:
+    return tuple(sorted((f.name, st.st_size, st.st_mtime_ns) for f in path.iterdir() if f.is_file()
+                        for st in [f.stat()]))
+
+
+def _problem(path: Path, verify: bool = False) -> str | None:
+    """Why ``path`` is not a complete checkpoint (None if it is); ``verify``: checksums too (not read
+    again for files this process wrote or checked that have not changed since: clean-up at every
+    save would otherwise re-read the checkpoints it keeps)."""
+    key = str(Path(path).resolve())
+    if verify and _VERIFIED.get(key) is not None and _VERIFIED[key] == _stamp(path):
+        return None
+    man_path = path / MANIFEST
+    if not man_path.exists():
+        return f"it has no {MANIFEST}: it was interrupted while being written"
+    try:
+        man = json.loads(man_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        return f"its {MANIFEST} is corrupt ({e})"
+    if not isinstance(man, dict) or not isinstance(man.get("files"), dict):
+        return f"its {MANIFEST} is not a checkpoint manifest"
+    for name, size in man["files"].items():
+        f = path / name
+        if not f.exists() or f.stat().st_size != size:
+            got = f"{f.stat().st_size} bytes" if f.exists() else "missing"
+            return f"file {name} is {got}, the manifest says {size} bytes: the checkpoint is damaged"
+        if verify and name in man.get("blake2b", {}) and _digest(f) != man["blake2b"][name]:
+            return f"file {name} does not match its checksum: the checkpoint is corrupt"
+    if verify:
+        _VERIFIED[key] = _stamp(path)
+    return None
 
 
 def check_complete(path: Path, verify: bool = False) -> dict:
     """The manifest of a complete checkpoint; raise CheckpointError naming what is wrong.
     ``verify``: also compare every file's checksum (reads the whole checkpoint)."""
-    man_path = path / MANIFEST
-    if not man_path.exists():
-        raise CheckpointError(f"checkpoint {path} has no {MANIFEST}: it was interrupted while being written "
-                              "(use an older one, or train.resume=auto to pick the newest complete one)")
-    try:
-        man = json.loads(man_path.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"checkpoint {path}: {MANIFEST} is corrupt ({e})") from None
-    for name, size in man["files"].items():
-        f = path / name
-        if not f.exists() or f.stat().st_size != size:
-            got = f.stat().st_size if f.exists() else "missing"
-            raise CheckpointError(f"checkpoint {path}: file {name} is {got}, the manifest says {size} bytes; "
-                                  "the checkpoint is damaged: resume from an older one")
-        if verify and name in man.get("blake2b", {}) and _digest(f) != man["blake2b"][name]:
-            raise CheckpointError(f"checkpoint {path}: file {name} does not match its checksum: the checkpoint "
-                                  "is corrupt: resume from an older one (train.resume=auto skips it)")
-    return man
+    why = _problem(Path(path), verify)
+    if why is not None:
+        raise CheckpointError(f"checkpoint {path}: {why}; resume from an older one (train.resume=auto picks the "
+                              "newest intact one)")
+    return json.loads((Path(path) / MANIFEST).read_text())
 
 
 def tag_of(path: str | Path) -> str:
@@ -178,34 +228,92 @@ def tag_of(path: str | Path) -> str:
     return man.get("tag", "pretrain" if path.parent.name == "pretrain" else "")
 
 
-def complete(ckpt_dir: str | Path) -> list[Path]:
-    """Complete checkpoints under ``ckpt_dir``, oldest first."""
+def _step_dirs(ckpt_dir: str | Path) -> list[tuple[int, Path]]:
+    """Every ``step_N`` folder under ``ckpt_dir`` (complete or not), oldest first."""
     ckpt_dir = Path(ckpt_dir)
     if not ckpt_dir.is_dir():
         return []
-    found = []
-    for d in ckpt_dir.iterdir():
-        m = _STEP_DIR.match(d.name)
-        if m and d.is_dir():
-            try:
-                check_complete(d)
-            except CheckpointError:
-                continue
-            found.append((int(m.group(1)), d))
-    return [d for _, d in sorted(found)]
+    found = [(int(m.group(1)), d) for d in ckpt_dir.iterdir() if (m := _STEP_DIR.match(d.name)) and d.is_dir()]
+    return sorted(found)
+
+
+def step_of(path: str | Path) -> int:
+    m = _STEP_DIR.match(Path(path).name)
+    if m is None:
+        raise CheckpointError(f"{path} is not a checkpoint folder (step_N)")
+    return int(m.group(1))
+
+
+def complete(ckpt_dir: str | Path) -> list[Path]:
+    """Complete checkpoints under ``ckpt_dir`` (manifest and sizes; checksums not read), oldest first."""
+    return [d for _, d in _step_dirs(ckpt_dir) if _problem(d) is None]
 
 
 def latest(ckpt_dir: str | Path) -> Path | None:
-    """The newest complete checkpoint whose files match their checksums (damaged ones are skipped,
-    with a message saying which and why)."""
-    for d in reversed(complete(ckpt_dir)):
-        try:
-            check_complete(d, verify=True)
+    """The newest complete checkpoint whose files match their checksums; every newer one is skipped
+    with a line saying which and why."""
+    for _, d in reversed(_step_dirs(ckpt_dir)):
+        why = _problem(d, verify=True)
+        if why is None:
             return d
-        except CheckpointError as e:
-            if _rank0():
-                print(f"skipping {d}: {e}")
+        if _rank0():
+            print(f"train.resume=auto: skipping {d}: {why}")
     return None
+
+
+def claim(ckpt_dir: str | Path, resumed: Path | None, auto: bool, dry: bool = False) -> list[str]:
+    """Make ``ckpt_dir`` hold one run before a run writes to it; ``resumed`` is the checkpoint the run
+    continues (None: it starts at step 0), ``auto`` whether ``train.resume=auto`` chose it.
+
+    A fresh start (or a checkpoint from another folder) next to an intact checkpoint of an earlier
+    run is refused (CheckpointError saying how to go on), unless ``auto`` found none intact. Checkpoints
+    the run cannot continue (damaged ones; with ``resumed`` here, every later one: an abandoned
+    continuation) move to ``ckpt_dir/set_aside/``, so nothing later is ever ranked newest and nothing is
+    deleted. ``dry``: only check. -> one line per folder moved."""
+    ckpt_dir = Path(ckpt_dir)
+    here = resumed is not None and Path(resumed).resolve().parent == ckpt_dir.resolve()
+    since = step_of(resumed) if here else -1
+    later = [d for n, d in _step_dirs(ckpt_dir) if n > since]
+    if not here and not auto:
+        intact = [d.name for d in later if _problem(d) is None]
+        if intact:
+            start = f"continues {resumed}" if resumed is not None else "starts at step 0 (train.resume=none)"
+            raise CheckpointError(
+                f"{ckpt_dir} holds checkpoints of an earlier run ({', '.join(intact[-3:])}) and this run {start}: "
+                f"its checkpoints, metrics and config.json would mix with that run's. Continue the earlier run with "
+                f"train.resume=auto, give this one another run.dir, or move {ckpt_dir} away first")
+    lines = []
+    for d in [] if dry else later:
+        why = _problem(d) or ("its files do not match their checksums" if auto or not here else
+                              f"it is later than {Path(resumed).name}, which train.resume names: a continuation "
+                              "this run replaces")
+        dest = ckpt_dir / "set_aside" / d.name
+        k = 1
+        while dest.exists():
+            k += 1
+            dest = ckpt_dir / "set_aside" / f"{d.name}.{k}"
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(d, dest)
+        lines.append(f"moved {d} to {dest}: {why}")
+    return lines
+
+
+def on_rank0(fn):
+    """``fn()`` on rank 0 only (one reader of a checkpoint folder, one writer, one set of messages);
+    its result, or its error, on every rank."""
+    if not (tdist.is_available() and tdist.is_initialized()) or tdist.get_world_size() == 1:
+        return fn()
+    box = [None]
+    if tdist.get_rank() == 0:
+        try:
+            box[0] = ("ok", fn())
+        except Exception as e:  # noqa: BLE001 - every rank raises it
+            box[0] = ("err", (type(e) if isinstance(e, CheckpointError) else RuntimeError, str(e)))
+    tdist.broadcast_object_list(box, src=0)
+    kind, val = box[0]
+    if kind == "err":
+        raise val[0](val[1])
+    return val
 
 
 def resolve(resume: str | None, ckpt_dir: str | Path) -> Path | None:
@@ -244,7 +352,6 @@ def load(path: str | Path, state: TrainState, par=None, frozen: dict | None = No
     sd = to_state_dict(state, par=par, frozen=frozen if man.get("frozen") else None)
     sd["meta"] = ""
     have = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
-    missing = [k for k in sd if k not in have]
     extra = [k for k in have if k not in sd]
     if par is not None and extra:              # keys that other ranks of this layout load
         from neva.parallel.dtensor import leaf_of
@@ -255,15 +362,8 @@ def load(path: str | Path, state: TrainState, par=None, frozen: dict | None = No
             return ((par.layout.pp > 1 and leaf in model_leaves)                     # another stage's leaf
                     or (par.zero1 and k.startswith("optim/") and leaf in trained))   # another dp rank's state
         extra = [k for k in extra if not elsewhere(k)]
-    if missing or extra:
-        raise CheckpointError(
-            f"checkpoint {path} does not fit this model/optimizer: missing {missing[:6]}"
-            f"{' ...' if len(missing) > 6 else ''}, unexpected {extra[:6]}{' ...' if len(extra) > 6 else ''}; "
-            "was it written with another model config, precision or set of frozen parameters?")
-    for k, v in sd.items():
-        if isinstance(v, torch.Tensor) and tuple(have[k].size) != tuple(v.shape):
-            raise CheckpointError(f"checkpoint {path}: {k} has shape {tuple(have[k].size)}, "
-                                  f"this run expects {tuple(v.shape)}")
+    check_fits(path, sd, have, extra,
+               "Was it written with another model config, precision or set of frozen parameters?")
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single process.*")
         dcp.load(sd, checkpoint_id=str(path))
@@ -277,16 +377,35 @@ def load(path: str | Path, state: TrainState, par=None, frozen: dict | None = No
     return meta
 
 
+def check_fits(path: Path, want: dict, have: dict, unexpected: list[str], hint: str) -> None:
+    """Raise CheckpointError unless the checkpoint's metadata ``have`` holds every key of ``want``
+    (key -> tensor, or anything without a shape) at its shape, and nothing in ``unexpected``; the
+    message names the missing, unexpected and misshapen leaves."""
+    missing = [k for k in want if k not in have]
+    shapes = [f"{k} {tuple(have[k].size)} in the checkpoint, {tuple(v.shape)} here" for k, v in want.items()
+              if k in have and isinstance(v, torch.Tensor) and tuple(have[k].size) != tuple(v.shape)]
+    parts = [f"{len(xs)} {what}: {', '.join(xs[:6])}{f' and {len(xs) - 6} more' if len(xs) > 6 else ''}"
+             for what, xs in (("missing", missing), ("unexpected", unexpected), ("of another shape", shapes)) if xs]
+    if parts:
+        raise CheckpointError(f"checkpoint {path} does not fit this model: " + "; ".join(parts) + f". {hint}")
+
+
 def load_params(path: str | Path, params: dict) -> dict:
     """The params of a checkpoint (any layout) into a full tree shaped like ``params`` (export,
-    evaluation); leaves the checkpoint left out as frozen keep the values given in ``params``."""
+    evaluation). The checkpoint must hold exactly the leaves of ``params`` at their shapes, except
+    those it left out as frozen, which keep the values given in ``params``; anything else is a
+    CheckpointError naming the leaves (a model built from another config is never half loaded)."""
     path = Path(path)
-    check_complete(path, verify=True)
+    man = check_complete(path, verify=True)
     have = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
-    sd = {f"params/{p}": v.clone() for p, v in flatten(params).items() if f"params/{p}" in have}
-    out = {f"params/{p}": v for p, v in flatten(params).items()}
+    frozen = set((man.get("frozen") or {}).get("paths", ()))
+    flat = flatten(params)
+    want = {f"params/{p}": v for p, v in flat.items() if p not in frozen}
+    check_fits(path, want, have, [k for k in have if k.startswith("params/") and k not in want],
+               "Was it written with another config? Use the run's own config.json (neva.export --config), "
+               "and the same model.* overrides")
+    sd = {k: v.clone() for k, v in want.items()}
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single process.*")
         dcp.load(sd, checkpoint_id=str(path))
-    out.update(sd)
-    return unflatten({k[len("params/"):]: v for k, v in out.items()})
+    return unflatten({**flat, **{k[len("params/"):]: v for k, v in sd.items()}})

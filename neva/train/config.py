@@ -23,14 +23,16 @@ def _raise(errs: list[str]) -> None:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    steps: int = 1000
-    seed: int = 0
+    """How the model trains: steps, AdamW and its schedule, precision, what trains, the stages."""
+
+    steps: int = 1000               # optimizer steps of the main stage
+    seed: int = 0                   # initial weights (and LoRA factors); the sample order is data.seed
     grad_accum: int = 1             # micro-batches per step; must divide data.batch_size (rows per rank)
-    lr: float = 1e-3
-    warmup: int = 50
+    lr: float = 1e-3                # peak learning rate (AdamW), reached after warmup, then cosine decay
+    warmup: int = 50                # linear warmup steps
     min_lr_ratio: float = 0.1       # cosine floor as a fraction of lr
-    weight_decay: float = 0.0
-    betas: tuple[float, float] = (0.9, 0.95)
+    weight_decay: float = 0.0       # AdamW decoupled weight decay
+    betas: tuple[float, float] = (0.9, 0.95)  # AdamW betas, as b1,b2 in [0, 1)
     clip: float = 1.0               # max global gradient norm (0 = off)
     precision: str = "fp32"         # fp32 | bf16 | bf16_o2 | fp16
     mode: str = "autograd"          # autograd | func (torch.func.grad); same gradients
@@ -38,6 +40,7 @@ class TrainConfig:
     remat_layers: int = 1           # uniform: layers per chunk; block: how many layers
     resume: str = "auto"            # auto (newest complete checkpoint in run.dir) | none | a folder
     max_bad_steps: int = 5          # non-finite losses in a row before the run stops
+    max_bad_fraction: float = 0.01  # non-finite steps skipped in all, as a fraction of a stage's steps (>= 1 allowed)
     freeze: str = ""                # regex: leaves that never train (e.g. "^(vision|llm)/")
     lr_mults: str = ""              # "regex=mult,regex=mult": per-group lr multipliers, first match wins
     groups: tuple[Group, ...] = ()  # full optim.Group rules (Python only); come before freeze/lr_mults
@@ -47,9 +50,9 @@ class TrainConfig:
     pretrain_lr: float = 0.0        # stage 1 lr (0 = train.lr)
     pretrain_freeze: str = ""       # stage 1 frozen leaves (LLaVA: "^(vision|llm)/", the projector trains)
     lora: str = ""                  # "" = off; a preset (attn, mlp, all) or a regex over weight paths
-    lora_rank: int = 8
-    lora_alpha: float = 16.0
-    log_every: int = 1
+    lora_rank: int = 8              # LoRA factor rank r
+    lora_alpha: float = 16.0        # LoRA scale alpha (updates are scaled by alpha / r)
+    log_every: int = 1              # a metrics.jsonl / TensorBoard row every N steps
 
     def optimizer_groups(self) -> tuple[Group, ...]:
         """``groups``, then ``freeze`` and ``lr_mults`` as groups (first match wins)."""
@@ -83,6 +86,8 @@ class TrainConfig:
             errs.append(f"train.remat={self.remat!r}: use one of {REMAT_METHODS}")
         if self.remat_layers < 1 or self.max_bad_steps < 1 or self.log_every < 1:
             errs.append("train.remat_layers, train.max_bad_steps and train.log_every must be >= 1")
+        if not 0 <= self.max_bad_fraction <= 1:
+            errs.append(f"train.max_bad_fraction={self.max_bad_fraction} must lie in [0, 1]")
         if self.grad_accum < 1:
             errs.append(f"train.grad_accum={self.grad_accum} must be >= 1")
         if self.pretrain_steps < 0 or self.pretrain_lr < 0:
@@ -108,10 +113,12 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class EvalConfig:
+    """Held-out evaluation: greedy answers to data.eval_path's questions, scored by exact match."""
+
     every: int = 0                  # evaluate every N steps during training (0 = only at the end)
-    max_samples: int = 0            # 0 = the whole held-out split
-    batch_size: int = 32
-    max_new_tokens: int = 12
+    max_samples: int = 0            # questions per held-out file (0 = all of them)
+    batch_size: int = 32            # questions answered together (one KV-cache generation)
+    max_new_tokens: int = 12        # the longest answer generated
     show: int = 6                   # held-out questions printed with the model's answers
 
     def validate(self) -> "EvalConfig":
@@ -126,9 +133,11 @@ class EvalConfig:
 
 @dataclass(frozen=True)
 class CheckpointConfig:
+    """Checkpoints in run.dir/checkpoints (DCP; any layout resumes any other) and the HF export."""
+
     every: int = 0                  # save every N steps (0 = only at the end)
-    keep_last: int = 2
-    export_hf: bool = True          # write an HF LLaVA folder at the end
+    keep_last: int = 2              # complete checkpoints kept per stage (0 = all)
+    export_hf: bool = True          # write an HF LLaVA folder (run.dir/hf) at the end
 
     def validate(self) -> "CheckpointConfig":
         if self.every < 0 or self.keep_last < 0:
@@ -138,12 +147,19 @@ class CheckpointConfig:
 
 @dataclass(frozen=True)
 class RunConfig:
-    dir: str = "runs/default"
-    tensorboard: bool = True
-    progress: bool = True           # tqdm progress bars
+    """Where a run writes and what it shows while it runs."""
+
+    dir: str = "runs/default"       # the run folder: config, metrics, checkpoints, exports (rerun it to resume)
+    tensorboard: bool = True        # TensorBoard events in run.dir/tb
+    progress: bool = True           # show progress: a bar on a terminal, else a line every print_every steps
+    print_every: int = 10           # without a terminal (CI, Slurm, nohup): a progress line every N steps
     threads: int = 0                # torch intra-op threads; 0 = auto (1 or all cores, whichever is faster now)
 
     def validate(self) -> "RunConfig":
+        errs = []
         if self.threads < 0:
-            raise ValueError(f"run.threads={self.threads} must be >= 0 (0 = pick automatically)")
+            errs.append(f"run.threads={self.threads} must be >= 0 (0 = pick automatically)")
+        if self.print_every < 1:
+            errs.append(f"run.print_every={self.print_every} must be >= 1")
+        _raise(errs)
         return self

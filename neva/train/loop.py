@@ -13,14 +13,19 @@ position) that goes into checkpoints, so a resumed run sees the same data.
 Writes under ``run.dir``: ``config.json`` (the resolved config), ``metrics.jsonl`` (one row per step:
 ``step``, ``loss``, ``ce``, ``aux``, ``z``, ``lr``, ``grad_norm``, ``tokens_per_s`` ... plus evaluation
 results on the steps that evaluate), TensorBoard events in ``tb/``, checkpoints in ``checkpoints/``
-(a stage's under ``checkpoints/<tag>``). On an error (a run of non-finite losses, Ctrl-C) the last good
-state is checkpointed before the error propagates, so nothing trained is lost.
+(a stage's under ``checkpoints/<tag>``). A run never mixes its files with another run's
+(``checkpoint.claim``), and config.json is written only after the resumed checkpoint fits the config.
+
+Nothing trained is lost: on an error in the loop (a bad sample found by a worker, too many non-finite
+steps, any exception, Ctrl-C) the last good state is checkpointed before the error propagates; on
+SIGTERM or SIGUSR1 (preemption: Slurm, Kubernetes) the run finishes its step, saves and exits with
+128 + the signal's number (``Stopped``). Under torchrun every rank learns of a failure or a signal
+at the same step boundary, so all save that step together. A skipped non-finite step is printed
+with the sample ids of its batch; past ``train.max_bad_fraction`` of the stage's steps the run stops.
 """
 from __future__ import annotations
 
-import json
-import math
-import os
+import signal
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -32,41 +37,18 @@ import torch.distributed as tdist
 from neva import overrides
 from neva.batch import split as split_batch
 from neva.params import Tree, flatten, unflatten
+from neva.progress import Progress
 from neva.train import checkpoint as ckpt
 from neva.train import lora as lora_mod
 from neva.train import optim
 from neva.train.config import RESUME_WORDS
+from neva.train.faults import Stopped, StopSignals, agree, gather_ids, world
+from neva.train.metrics import Metrics
 from neva.train.remat import RematPolicy
 from neva.train.step import NonFiniteLoss, StepSetup, TrainState, init_state, train_step
+from neva.train.threads import pick_threads
 
 Experiment = Any          # neva.experiment.Experiment (above this floor): model, data, train, eval, checkpoint, run
-
-
-def pick_threads(requested: int = 0) -> int:
-    """Set torch's intra-op threads. 0 = time a small matmul with 1 thread and with every core and
-    keep the faster: on a CPU shared with other work, threads that wait on each other at every op
-    barrier can make a step ten times slower than one thread."""
-    if requested > 0:
-        torch.set_num_threads(requested)
-        return requested
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    if cores <= 1:
-        torch.set_num_threads(1)
-        return 1
-    a, b = torch.randn(512, 256), torch.randn(256, 256)
-    best = None
-    for n in (1, cores):
-        torch.set_num_threads(n)
-        for _ in range(3):
-            a @ b
-        t0 = time.perf_counter()
-        for _ in range(20):
-            a @ b
-        dt = time.perf_counter() - t0
-        if best is None or dt < best[0] * 0.8:              # more threads must win clearly
-            best = (dt, n)
-    torch.set_num_threads(best[1])
-    return best[1]
 
 
 def is_main() -> bool:
@@ -129,47 +111,6 @@ def make_setup(exp: Experiment, par=None, steps: int | None = None, groups: tupl
                      max_bad_steps=t.max_bad_steps, prepare=prepare, par=None if par is None or par.single else par)
 
 
-class Metrics:
-    """metrics.jsonl + TensorBoard, written by the main rank only. On resume, rows past the resumed
-    step (written by the run that died) are dropped so the file reads as one clean run."""
-
-    def __init__(self, run_dir: Path, keep_upto: int, tensorboard: bool, main: bool):
-        self.main = main
-        self.path = run_dir / "metrics.jsonl"
-        self.tb = None
-        if not main:
-            return
-        rows = []
-        if keep_upto and self.path.exists():
-            rows = [r for r in map(json.loads, self.path.read_text().splitlines()) if r["step"] <= keep_upto]
-        self.path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-        if tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-                self.tb = SummaryWriter(str(run_dir / "tb"), purge_step=keep_upto + 1 if keep_upto else None)
-            except ImportError:                                  # tensorboard is optional at run time
-                self.tb = None
-
-    def write(self, row: dict) -> None:
-        if not self.main:
-            return
-        with open(self.path, "a") as f:
-            f.write(json.dumps(row) + "\n")
-        if self.tb is not None:
-            for k, v in row.items():
-                if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
-                    self.tb.add_scalar(k if "/" in k else f"train/{k}", v, row["step"])
-
-    def close(self) -> None:
-        if self.tb is not None:
-            self.tb.close()
-
-
-def read_metrics(run_dir: str | Path) -> list[dict]:
-    p = Path(run_dir) / "metrics.jsonl"
-    return [json.loads(line) for line in p.read_text().splitlines()] if p.exists() else []
-
-
 @dataclass
 class Result:
     state: TrainState
@@ -177,6 +118,7 @@ class Result:
     rows: list[dict] = field(default_factory=list)
     resumed_from: Path | None = None
     step: int = 0                     # the stage's steps done (resumed ones included)
+    skipped_steps: int = 0            # steps skipped for a non-finite loss (run: over every stage)
 
 
 def plain_params(exp: Experiment, state: TrainState, merge_lora: bool = True) -> dict:
@@ -198,14 +140,25 @@ def run(exp: Experiment, params: Tree, batches_for: Callable[[Stage], Iterator[d
     from there, so checkpoints leave out the leaves a stage does not train (and check them at resume).
     -> the main stage's Result."""
     local = params if par is None else par.shard(params)
-    res = None
-    for st in stages(exp):
+    res, skipped, todo = None, 0, stages(exp)
+    for st in todo:                  # a later stage that would refuse its folder refuses before the first trains
+        if st.exp.train.resume != "auto":
+            resumed = None if st.exp.train.resume in RESUME_WORDS else Path(st.exp.train.resume)
+            ckpt.on_rank0(lambda: ckpt.claim(_ck_dir(st), resumed, auto=False, dry=True))  # noqa: B023
+    for st in todo:
         setup = make_setup(st.exp, par, st.steps, st.groups)
         frozen = None if sources is None else ckpt.frozen_info(params, optim.trainable_paths(params, setup.opt), sources)
         res = train(st.exp, local, batches_for(st), par=par, setup=setup, frozen=frozen, stage=st,
                     eval_fn=eval_fn if not st.tag else None)
+        skipped += res.skipped_steps
         local = plain_params(st.exp, res.state, merge_lora=False)
+    res.skipped_steps = skipped
     return res
+
+
+def _ck_dir(stage: Stage) -> Path:
+    d = Path(stage.exp.run.dir) / "checkpoints"
+    return d / stage.tag if stage.tag else d
 
 
 def train(exp: Experiment, params: Tree, batches: Iterator[dict], *, par=None, setup: StepSetup | None = None,
@@ -222,7 +175,7 @@ def train(exp: Experiment, params: Tree, batches: Iterator[dict], *, par=None, s
     stage = stage or Stage(exp, exp.train.steps, exp.train.optimizer_groups())
     setup = setup or make_setup(exp, par, stage.steps, stage.groups)
     run_dir = Path(exp.run.dir)
-    ck_dir = run_dir / "checkpoints" / stage.tag if stage.tag else run_dir / "checkpoints"
+    ck_dir = _ck_dir(stage)
     state = init_state(params, setup)
     start, resumed = _resume(exp, state, batches, ck_dir, setup, frozen)
     if is_main():
@@ -232,36 +185,48 @@ def train(exp: Experiment, params: Tree, batches: Iterator[dict], *, par=None, s
              last_saved=start if resumed else -1)
     bar = _progress(exp, start, stage.steps, stage.desc, is_main())
     try:
-        r.steps(start, bar, eval_fn)
-    except (NonFiniteLoss, KeyboardInterrupt):
-        if r.save(r.result.step) and is_main():
-            print(f"saved the last good state at step {r.result.step} to {ck_dir}; resume with train.resume=auto")
+        with StopSignals(world() > 1) as r.signals:
+            r.steps(start, bar, eval_fn)
+    except Stopped:
+        raise
+    except BaseException as e:        # noqa: BLE001 - Ctrl-C too: save what is good, then let it propagate
+        r.save_after(e)
         raise
     finally:
         if bar is not None:
             bar.close()
         metrics.close()
+    r.result.skipped_steps = state.skipped
     return r.result
 
 
 def _resume(exp: Experiment, state: TrainState, batches, ck_dir: Path, setup: StepSetup,
             frozen: dict | None) -> tuple[int, Path | None]:
-    """Load ``train.resume``'s checkpoint into ``state`` (and the sampler position into ``batches``).
-    -> (the step it resumes at, the checkpoint) or (0, None)."""
-    resumed = ckpt.resolve(exp.train.resume, ck_dir)
-    if resumed is None:
-        return 0, None
-    meta = ckpt.load(resumed, state, par=setup.par, frozen=frozen)
-    if meta.get("sampler") is not None and hasattr(batches, "load_state_dict"):
+    """Load ``train.resume``'s checkpoint into ``state`` (and the sampler position into ``batches``),
+    once ``ck_dir`` may be this run's (``checkpoint.claim``: refused before anything is loaded, damaged
+    or abandoned checkpoints set aside after the load fits). -> (the step it resumes at, the
+    checkpoint) or (0, None). Rank 0 reads and moves; every rank gets the outcome."""
+    word = exp.train.resume
+    resumed = ckpt.on_rank0(lambda: ckpt.resolve(word, ck_dir))
+    ckpt.on_rank0(lambda: ckpt.claim(ck_dir, resumed, auto=word == "auto", dry=True))
+    meta = None if resumed is None else ckpt.load(resumed, state, par=setup.par, frozen=frozen)
+    if meta is not None and meta.get("sampler") is not None and hasattr(batches, "load_state_dict"):
         batches.load_state_dict(meta["sampler"])
+    moved = ckpt.on_rank0(lambda: ckpt.claim(ck_dir, resumed, auto=word == "auto"))
     if is_main():
-        print(f"resumed from {resumed} at step {meta['step']}")
-    return int(meta["step"]), resumed
+        for line in moved:
+            print(line)
+        if moved and resumed is None:
+            print(f"no intact checkpoint in {ck_dir}: this run starts at step 0")
+        if meta is not None:
+            print(f"resumed from {resumed} at step {meta['step']}")
+    return (0, None) if meta is None else (int(meta["step"]), resumed)
 
 
 @dataclass
 class _Run:
-    """One stage in progress: its steps, and its checkpoints (with the sampler position)."""
+    """One stage in progress: its steps, its checkpoints (with the sampler position), and what
+    happens when something goes wrong (see the module docstring)."""
 
     exp: Experiment
     stage: Stage
@@ -273,16 +238,24 @@ class _Run:
     metrics: "Metrics"
     result: Result
     last_saved: int = -1
+    signals: StopSignals | None = None
+    pending: BaseException | None = None     # an error held until every rank knows of it
+    position: dict | None = None             # the sampler after the last finished step (not after a batch fetched since)
+
+    def _note_position(self) -> None:
+        self.position = self.batches.state_dict() if hasattr(self.batches, "state_dict") else None
 
     def save(self, step: int) -> bool:
         """Checkpoint ``step`` unless it is saved already."""
         if step == self.last_saved:
             return False
-        sampler = self.batches.state_dict() if hasattr(self.batches, "state_dict") else None
-        ckpt.save(self.ck_dir, step, self.state, {"sampler": sampler, "tag": self.stage.tag},
+        ckpt.save(self.ck_dir, step, self.state, {"sampler": self.position, "tag": self.stage.tag},
                   keep_last=self.exp.checkpoint.keep_last, par=self.setup.par, frozen=self.frozen)
         self.last_saved = step
         return True
+
+    def _where(self, step: int) -> str:
+        return str(self.ck_dir / f"step_{step:08d}")
 
     def steps(self, step: int, bar, eval_fn) -> None:
         """From ``step`` to the stage's end: one optimizer step per batch, a metrics row each,
@@ -291,31 +264,114 @@ class _Run:
         n_data = setup.par.dist.data_size if setup.par is not None else 1   # every data rank reads as many
         it = iter(self.batches)
         self.result.step = step
-        while step < st.steps:
+        self._note_position()
+        while True:
             t0 = time.perf_counter()
-            batch = next(it)
+            batch = None
+            if step < st.steps and self.pending is None:
+                try:
+                    batch = next(it)
+                except Exception as e:       # noqa: BLE001 - e.g. a bad sample: every rank stops at this step
+                    self.pending = e
             t_data = time.perf_counter() - t0
+            self._agree(step)
+            if step >= st.steps:
+                break
+            skipped = self.state.skipped
             try:
                 row = train_step(self.state, split_batch(batch, setup.cfg, exp.train.grad_accum), setup)
             except NonFiniteLoss as e:       # the step is consumed (and logged) like any skipped one
                 self.result.step = step = step + 1
+                self._note_position()
+                self._say_skipped(e.row, step)
                 self.metrics.write(_finish_row(e.row, step + st.offset, n_tokens_in(batch) * n_data, t_data, st.tag))
                 raise
             self.result.step = step = step + 1
+            self._note_position()
             if eval_fn is not None and exp.eval.every and step % exp.eval.every == 0 and step < st.steps:
-                row.update(eval_fn(plain_params(exp, self.state), step))
+                try:
+                    row.update(eval_fn(plain_params(exp, self.state), step))
+                except Exception as e:       # noqa: BLE001 - held: under a plan the other ranks are past it
+                    self.pending = e
             row = _finish_row(row, step + st.offset, n_tokens_in(batch) * n_data, t_data, st.tag)
-            if step % exp.train.log_every == 0 or step == st.steps:
+            if step % exp.train.log_every == 0 or step == st.steps or self.state.skipped > skipped:
                 self.metrics.write(row)
             self.result.rows.append(row)
+            if self.state.skipped > skipped:
+                self._say_skipped(row, step)
+                self._check_bad_fraction(row, step)
             if bar is not None:
-                bar.update(1)
-                bar.set_postfix(loss=f"{row['loss']:.3f}", refresh=False)
+                bar.update(1, loss=row["loss"], **{"tokens/s": row[f"{st.tag}/tokens_per_s" if st.tag else "tokens_per_s"]})
+                evals = {k[5:]: v for k, v in row.items() if k.startswith("eval/") and k.count("_") == 1}
+                if evals:
+                    bar.write(f"step {step}: held-out " + ", ".join(f"{k} {v:.3f}" for k, v in evals.items()))
             if exp.run.threads == 0 and step % 50 == 0:
-                pick_threads(0)              # other work on the CPU comes and goes: re-check
+                before = torch.get_num_threads()     # other work on the CPU comes and goes: re-check
+                n, why = pick_threads(0)
+                if n != before and bar is not None:
+                    bar.write(f"step {step}: {why}")
             if exp.checkpoint.every and step % exp.checkpoint.every == 0 and step < st.steps:
                 self.save(step)
         self.save(step)
+
+    def _agree(self, step: int) -> None:
+        """Every rank learns whether any rank holds an error or got a stop signal (one small
+        all-reduce a step); then all save ``step`` together and raise: the error (the failing
+        rank's own on the others) or ``Stopped``."""
+        err, self.pending = self.pending, None
+        sig, err = agree(self.signals.got if self.signals is not None else 0, err)
+        if err is None and not sig:
+            return
+        why = f"stopped by {signal.Signals(sig).name} at step {step}" if err is None else f"error at step {step + 1}"
+        saved = self._saved_line(step)
+        if is_main():
+            print(f"{why}: {saved}")
+        if err is not None:
+            raise err
+        raise Stopped(sig, step)
+
+    def _saved_line(self, step: int) -> str:
+        """Save ``step``; -> where it is and how to resume, or why it could not be saved."""
+        try:
+            self.save(step)
+        except Exception as e:  # noqa: BLE001 - the error that brought us here matters more
+            return f"the last good state (step {step}) could not be saved ({type(e).__name__}: {e})"
+        return (f"the last good state (step {step}) is in {self._where(step)}; run the same command again to "
+                "resume (train.resume=auto)")
+
+    def save_after(self, e: BaseException) -> None:
+        """After an error that left the loop without ``_agree``: save the last good state where that
+        is safe, and say where it is (or why there is none)."""
+        step = self.result.step
+        if step == self.last_saved:
+            return
+        last = f"the last checkpoint is {self._where(self.last_saved)}" if self.last_saved >= 0 else "no checkpoint yet"
+        if self.state.updating:
+            print(f"the error came inside the optimizer update of step {step + 1}, so the state is torn: not saved; {last}")
+        elif world() > 1 and not isinstance(e, NonFiniteLoss):
+            print(f"rank {tdist.get_rank()}: {type(e).__name__} after step {step}, which the other ranks may not "
+                  f"share: not saved (a collective save could hang); {last}")
+        else:
+            saved = self._saved_line(step)
+            if is_main():
+                print(saved)
+
+    def _say_skipped(self, row: dict, step: int) -> None:
+        """Print a skipped non-finite step with the sample ids of its batch (every data rank's)."""
+        ids = gather_ids(getattr(self.batches, "batch_ids", None) or [])
+        if is_main():
+            samples = f"; its samples: {', '.join(map(str, ids))}" if ids else ""
+            print(f"step {step + self.stage.offset} skipped: the loss ({row['loss']}) or gradient norm ({row['grad_norm']}) "
+                  f"is not finite{samples}; {self.state.skipped} of {step} steps skipped so far")
+
+    def _check_bad_fraction(self, row: dict, step: int) -> None:
+        t = self.exp.train
+        limit = max(1, int(t.max_bad_fraction * self.stage.steps))
+        if self.state.skipped > limit:
+            raise NonFiniteLoss(
+                f"{self.state.skipped} of {step} steps had a non-finite loss or gradient and were skipped, more than "
+                f"train.max_bad_fraction={t.max_bad_fraction} of the stage's {self.stage.steps} steps allows ({limit}): "
+                "check the samples printed above, lower train.lr, or use train.precision=bf16 or fp32", row)
 
 
 def n_tokens_in(batch: dict) -> int:
@@ -332,8 +388,7 @@ def _finish_row(row: dict, step: int, n_in: int, t_data: float, tag: str) -> dic
     return row
 
 
-def _progress(exp: Experiment, start: int, total: int, desc: str, main: bool):
-    if not (exp.run.progress and main):
-        return None
-    from tqdm.auto import tqdm
-    return tqdm(total=total, initial=start, desc=desc, dynamic_ncols=True, mininterval=1.0)
+def _progress(exp: Experiment, start: int, total: int, desc: str, main: bool) -> Progress:
+    """A bar on a terminal; elsewhere a line every ``run.print_every`` steps (the main rank only)."""
+    return Progress(total, desc, unit="step", on=exp.run.progress and main, initial=start,
+                    every=exp.run.print_every, seconds=0)

@@ -12,8 +12,10 @@ from collections import Counter, defaultdict
 
 import torch
 
+from neva.batch import media_cat, media_count
 from neva.config import ModelConfig
 from neva.generate import Sampling, generate
+from neva.progress import Progress
 
 
 def normalize(text: str) -> str:
@@ -44,10 +46,7 @@ def answer_all(params: dict, cfg: ModelConfig, ds, *, batch_size: int = 32, max_
     n = len(ds) if not limit else min(limit, len(ds))
     stops = tuple(s for s in ds.stop_strings() if s)
     out = []
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-        bar = tqdm(total=n, desc="eval", unit="q", leave=False, mininterval=1.0)
+    bar = Progress(n, "eval", unit="question", on=progress, leave=False)
     for start in range(0, n, batch_size):
         idx = list(range(start, min(n, start + batch_size)))
         prompts, pix, frames = [], [], []
@@ -55,9 +54,9 @@ def answer_all(params: dict, cfg: ModelConfig, ds, *, batch_size: int = 32, max_
             ids, px = ds.prompt(i)
             prompts.append(ids.tolist())
             pix.append(px)
-            frames.append(ds.frame_flags(i, px.shape[0]))
-        pv = torch.cat(pix) if pix else None
-        has = pv is not None and pv.shape[0]
+            frames.append(ds.frame_flags(i, media_count(px)))
+        pv = media_cat(pix) if pix else None
+        has = media_count(pv) > 0
         res = generate(params, cfg, prompts, pv if has else None,
                        Sampling(max_new_tokens=max_new_tokens, stop_strings=stops), tokenizer=ds.tok,
                        video_frames=torch.cat(frames) if has else None)
@@ -68,10 +67,8 @@ def answer_all(params: dict, cfg: ModelConfig, ds, *, batch_size: int = 32, max_
             pred = normalize(text)
             out.append({"id": rec.id, "qtype": rec.meta.get("qtype", "all"), "question": q, "answer": normalize(ref),
                         "pred": pred, "correct": pred == normalize(ref)})
-        if bar is not None:
-            bar.update(len(idx))
-    if bar is not None:
-        bar.close()
+        bar.update(len(idx))
+    bar.close()
     return out
 
 

@@ -13,8 +13,9 @@ from neva.train import qa_eval
 def describe_model(cfg: ModelConfig, params: dict) -> str:
     v, l = cfg.vision, cfg.llm
     moe = f", {l.n_experts} experts top-{l.top_k}" if l.n_experts else ""
-    return (f"{v.kind} {v.n_layers}x{v.dim} ({v.image_size}px / {v.patch_size}px patches = {cfg.tokens_per_image} "
-            f"tokens) -> {cfg.projector.kind} -> {l.kind} {l.n_layers}x{l.dim}{moe}, vocab {l.vocab_size}; "
+    vit = " + ".join(f"{t.kind} {t.n_layers}x{t.dim} ({t.image_size}px / {t.patch_size}px patches)" for t in v.parts)
+    return (f"{vit + ' fused' if v.towers else vit} = {cfg.tokens_per_image} tokens per image "
+            f"-> {cfg.projector.kind} -> {l.kind} {l.n_layers}x{l.dim}{moe}, vocab {l.vocab_size}; "
             f"{count(params) / 1e6:.2f}M parameters ({count(params['llm']['embed']) / 1e6:.2f}M in the embedding)")
 
 
@@ -84,26 +85,41 @@ def plot(run_dir: str | Path) -> Path | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from neva.train.loop import read_metrics
+    from neva.train.metrics import read_metrics
 
     rows = read_metrics(run_dir)
     if not rows:
         return None
+    fig = loss_figure(rows, Path(run_dir).name)
+    path = Path(run_dir) / "loss_curve.png"
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def loss_figure(rows: list[dict], title: str, k: int = 20):
+    """The loss curve of metrics rows: raw and its running mean of ``k`` on a log axis whose ticks
+    (1, 2, 3, 5 per decade) carry numbers; the axis label gives the final running mean."""
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import FormatStrFormatter, LogLocator, NullFormatter
+
     fig, ax = plt.subplots(figsize=(8, 4.5))
-    steps = [r["step"] for r in rows]
-    ax.plot(steps, [r["loss"] for r in rows], lw=0.8, alpha=0.4, label="loss")
-    k = 20
+    steps, losses = [r["step"] for r in rows], [r["loss"] for r in rows]
+    ax.plot(steps, losses, lw=0.8, alpha=0.4, label="loss")
+    smooth = [sum(losses[max(0, i - k + 1):i + 1]) / len(losses[max(0, i - k + 1):i + 1]) for i in range(len(losses))]
     if len(rows) > k:
-        sm = [sum(r["loss"] for r in rows[max(0, i - k + 1):i + 1]) / len(rows[max(0, i - k + 1):i + 1])
-              for i in range(len(rows))]
-        ax.plot(steps, sm, lw=1.6, label=f"loss (mean of {k})")
+        ax.plot(steps, smooth, lw=1.6, label=f"loss (mean of {k})")
+    ax.set_yscale("log")
+    ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 3.0, 5.0)))
+    ax.yaxis.set_major_formatter(FormatStrFormatter("%g"))
+    ax.yaxis.set_minor_formatter(NullFormatter())
+    ax.grid(True, which="major", axis="y", lw=0.4, alpha=0.5)
     pre = [r["step"] for r in rows if any(key.startswith("pretrain/") for key in r)]
     if pre:
         ax.axvline(max(pre) + 0.5, color="grey", ls="--", lw=0.8)
         ax.text(max(pre), ax.get_ylim()[1] * 0.95, " captions | questions", fontsize=8, va="top", ha="center")
     ax.set_xlabel("step")
-    ax.set_ylabel("loss")
-    ax.set_yscale("log")
+    ax.set_ylabel(f"loss (last {min(k, len(rows))} steps: mean {smooth[-1]:.3f})")
     acc = [(r["step"], r["eval/image_acc"]) for r in rows if "eval/image_acc" in r]
     if acc:
         ax2 = ax.twinx()
@@ -112,11 +128,33 @@ def plot(run_dir: str | Path) -> Path | None:
         ax2.set_ylabel("accuracy")
         ax2.legend(loc="upper center")
     ax.legend(loc="upper right")
-    ax.set_title(Path(run_dir).name)
-    path = Path(run_dir) / "loss_curve.png"
-    fig.savefig(path, dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    return path
+    ax.set_title(title)
+    return fig
+
+
+def save_metrics(run_dir: str | Path, metrics: dict, segment: dict, resumed: bool) -> dict:
+    """Write metrics.json: ``metrics`` (the evaluation of the final model), the run's history in
+    ``segments`` (one per command that trained it: ``segment``'s steps and seconds), and
+    ``train_seconds`` / ``wall_seconds`` summed over them. A run that ``resumed`` keeps the segments
+    of the metrics.json already there; a fresh one starts the history again. -> what was written."""
+    path = Path(run_dir) / "metrics.json"
+    history: list = []
+    if resumed and path.exists():
+        try:
+            old = json.loads(path.read_text())
+        except json.JSONDecodeError:
+            old = {}
+        history = old.get("segments") or (                   # written before segments were recorded
+            [{k: old[k] for k in ("steps", "train_seconds", "wall_seconds") if k in old}] if old else [])
+    history.append(segment)
+    out = dict(metrics, segments=history)
+    for key in ("train_seconds", "wall_seconds"):
+        out[key] = round(sum(s.get(key, 0.0) for s in history), 1)
+    path.write_text(json.dumps(out, indent=1))
+    return out
+
+
+OUTPUTS = ("metrics.json", "metrics.jsonl", "loss_curve.png", "tb/", "checkpoints/", "hf/", "samples.jsonl")
 
 
 def print_summary(m: dict, run_dir: str | Path) -> None:
@@ -128,5 +166,12 @@ def print_summary(m: dict, run_dir: str | Path) -> None:
         print(f"  {kind:5s} overall  {o['accuracy']:.3f}  (prior {o['prior']:.3f}, n={o['n']})")
         for qt, b in m[kind]["per_type"].items():
             print(f"        {qt:9s} {b['accuracy']:.3f}  (prior {b['prior']:.3f}, n={b['n']})")
-    print(f"done in {m['wall_seconds']:.0f}s; outputs in {run_dir}/ (metrics.json, metrics.jsonl, loss_curve.png, "
-          f"tb/, checkpoints/, hf/, samples.jsonl)")
+    if "skipped_samples" in m or "skipped_steps" in m:
+        print(f"  skipped: {m.get('skipped_samples', 0)} samples that could not be used (data.on_bad_sample=skip), "
+              f"{m.get('skipped_steps', 0)} steps with a non-finite loss")
+    segs = m.get("segments", [])
+    took = f"{segs[-1]['wall_seconds']:.0f}s" if segs else f"{m['wall_seconds']:.0f}s"
+    if len(segs) > 1:
+        took += f" ({m['wall_seconds']:.0f}s over the {len(segs)} commands that made this run)"
+    written = [name for name in OUTPUTS if (Path(run_dir) / name.rstrip("/")).exists()]
+    print(f"done in {took}; outputs in {run_dir}/ ({', '.join(written)})")

@@ -150,6 +150,7 @@ class TrainState:
     skipped: int = 0                  # steps skipped for a non-finite loss, in total
     bad_in_row: int = 0
     trainable: list[str] = field(default_factory=list)
+    updating: bool = False            # inside the in-place update: an error now leaves the state torn (not saved)
 
     @property
     def step(self) -> int:
@@ -201,9 +202,11 @@ def train_step(state: TrainState, micro_batches: list[dict], setup: StepSetup) -
                 f"or fp32, or check the data; train.max_bad_steps sets how many to tolerate", row)
         return row
     state.bad_in_row = 0
+    state.updating = True
     optim.update(state.params, grads, state.opt_state, setup.opt, norm=norm)
     if setup.par is not None:
         setup.par.share_updates(state.params, state.trainable)
+    state.updating = False
     return _row(state, st, lr, float(norm), t0, skipped_now=False)
 
 
