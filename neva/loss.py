@@ -56,14 +56,17 @@ class _VocabParallelCE(torch.autograd.Function):
 
 
 def cross_entropy_sum(logits_mv: Tensor, target_m: Tensor, dist: Dist) -> Tensor:
-    """Sum over rows of CE(logits, target) in fp32; ``logits`` holds this rank's vocab slice. Zero
-    rows give 0 (a cp rank whose chunks hold no label). Rows are picked by advanced indexing rather
-    than gather: the simulated world (LocalTensorMode) takes it when ranks hold different row counts."""
+    """Sum over rows of CE(logits, target) in fp32; ``logits`` holds this rank's vocab slice. Rows whose
+    target is IGNORE add 0 (as ``F.cross_entropy``'s ignore_index: per-example gradients run the head on
+    every row); zero rows give 0 (a cp rank whose chunks hold no label). Rows are picked by advanced
+    indexing rather than gather: the simulated world (LocalTensorMode) takes it when ranks hold
+    different row counts."""
+    keep = target_m != IGNORE
     if dist.tp is None:
-        lf = logits_mv.float()
-        return (torch.logsumexp(lf, -1) - lf[torch.arange(lf.shape[0], device=lf.device), target_m]).sum()
+        logp = F.log_softmax(logits_mv.float(), -1)
+        return -(logp[torch.arange(logp.shape[0], device=logp.device), target_m.clamp_min(0)] * keep).sum()
     start = dist.tp_rank * logits_mv.shape[-1]
-    return _VocabParallelCE.apply(logits_mv, target_m, start, dist.tp)[0].sum()
+    return (_VocabParallelCE.apply(logits_mv, target_m, start, dist.tp)[0] * keep).sum()
 
 
 def shift_labels(labels_bt: Tensor, segment_bt: Tensor | None = None) -> Tensor:
