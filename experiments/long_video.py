@@ -35,6 +35,7 @@ import torch.distributed as tdist
 sys.path.insert(0, str(Path(__file__).parent))
 import siglip_mixtral as main_job  # noqa: E402
 
+from neva import cli  # noqa: E402
 from neva import experiment as X  # noqa: E402
 from neva.config import ModelConfig  # noqa: E402
 from neva.data import DataConfig  # noqa: E402
@@ -100,4 +101,4 @@ def main(argv: list[str]) -> dict:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    cli.run(main, sys.argv[1:])      # a user's error: one line (--debug: the traceback)

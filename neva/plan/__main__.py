@@ -6,7 +6,7 @@ config, from meta tensors (``neva.planner``: nothing is allocated).
     python -m neva.plan --preset mixtral-8x7b+so400m --gpus 64 --seq 32768 --media 44 --search
 
 ``--search`` tries every layout of the GPUs (tp, cp, pp, ep in 1, 2, 4, 8; SP with tp; with and
-without ZeRO-1 and activation checkpointing) and lists those whose busiest rank fits ``--memory``.
+without ZeRO-1 where dp > 1, with and without activation checkpointing) and lists those whose busiest rank fits ``--memory``.
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import itertools
 import sys
 from dataclasses import replace
 
-from neva import model, planner
+from neva import cli, model, planner
 from neva.config import (ModelConfig, ProjectorConfig, clip_vit_l14_336, llama3_70b, mixtral_8x7b, nemotron4_15b,
                          siglip_so400m_384)
 from neva.parallel.plan import Layout, Plan
@@ -32,10 +32,14 @@ GiB = planner.GiB
 
 def config_of(a) -> ModelConfig:
     if a.config:
+        from pathlib import Path
+
         from neva.experiment import load
+        if not Path(a.config).exists():
+            raise FileNotFoundError(f"--config {a.config} does not exist: pass a run's config.json (or its folder)")
         return load(a.config).model
     if a.preset not in PRESETS:
-        raise SystemExit(f"--preset {a.preset!r}: use one of {sorted(PRESETS)} or --config RUN/config.json")
+        raise ValueError(f"--preset {a.preset!r}: use one of {sorted(PRESETS)} or --config RUN/config.json")
     return PRESETS[a.preset]()
 
 
@@ -95,6 +99,8 @@ def search(cfg: ModelConfig, gpus: int, w: planner.Workload, limit: float, visio
             continue
         costs = rank_costs(cfg, plan, w, specs)
         for key in costs[0]["totals"]:
+            if key[0] and plan.layout.dp == 1:     # ZeRO-1 splits over dp: nothing to split
+                continue
             worst = max(costs, key=lambda c: c["totals"][key])
             rows.append((worst["totals"][key], str(plan.layout), *key, worst))
     return sorted(rows, key=lambda r: r[0])
@@ -116,8 +122,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--micro-batches", type=int, default=8, help="per data rank and step")
     ap.add_argument("--precision", default="bf16_o2")
     ap.add_argument("--zero1", action="store_true")
-    ap.add_argument("--remat", default="none", help="none | uniform")
-    ap.add_argument("--attention", default="flash", help="flash | math")
+    ap.add_argument("--remat", default="none", choices=("none", "uniform"),
+                    help="activation checkpointing of every LLM layer (train.remat)")
+    ap.add_argument("--attention", default="flash", choices=("flash", "math"),
+                    help="flash: the kernel keeps no probabilities; math: it keeps them")
     ap.add_argument("--memory", type=float, default=80.0, help="GiB a GPU has for this (default 80)")
     ap.add_argument("--search", action="store_true", help="list the layouts of --gpus that fit --memory")
     a = ap.parse_args(argv)
@@ -143,4 +151,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.run(main, sys.argv[1:])      # a bad preset, config or layout: one line (--debug: the traceback)
