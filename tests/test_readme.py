@@ -97,7 +97,10 @@ def run_command(job, cmd: list[str]) -> None:
             job.X.parse(cmd[2:], fused_dino_siglip.base())
         return
     if cmd[0].endswith(("python", "python3")) and cmd[1:2] == ["-m"] and cmd[2] in MODULES:
-        assert importlib.import_module(cmd[2]).main(cmd[3:]) == 0, text
+        mod = importlib.import_module(cmd[2])
+        if not hasattr(mod, "main"):                 # a package: python -m runs its __main__
+            mod = importlib.import_module(cmd[2] + ".__main__")
+        assert mod.main(cmd[3:]) == 0, text
     elif cmd[0].endswith(("python", "python3")) and cmd[1] == "experiments/siglip_mixtral.py":
         try:
             job.main(shrink(cmd[2:]))
