@@ -44,7 +44,7 @@ def batches(n: int, batch_size: int) -> list[dict]:
 
 def run(steps: int = 20, batch_size: int = 16, lr: float = 1e-3, pool: GlooPool | None = None,
         layouts: dict | None = None) -> dict:
-    """-> {"reference": [losses], name: {"losses": [...], "max_rel": float, "seconds": float}}. Each
+    """-> {"reference": [losses], name: {"losses": [...], "max_rel", "max_abs", "seconds"}}. Each
     layout runs on a pool of its own world size (``pool`` is used where it fits)."""
     torch.set_num_threads(1)          # as each pool process: threads that wait on each other cost more here
     layouts = layouts or LAYOUTS
@@ -62,7 +62,8 @@ def run(steps: int = 20, batch_size: int = 16, lr: float = 1e-3, pool: GlooPool 
             t0 = time.time()
             got = pools[lay.world].run(train_losses, lay, cfg, params, data, accum, lr, timeout=1800)[0]["losses"]
             rel = max(abs(a - b) / abs(b) for a, b in zip(got, ref))
-            out[name] = {"losses": got, "max_rel": rel, "seconds": time.time() - t0}
+            out[name] = {"losses": got, "max_rel": rel, "max_abs": max(abs(a - b) for a, b in zip(got, ref)),
+                         "seconds": time.time() - t0}
     finally:
         for p in pools.values():
             if p is not pool:
@@ -84,7 +85,8 @@ def main(argv: list[str]) -> int:
         print(f"{i + 1:>4}  {r:10.6f}  " + "  ".join(f"{res[n]['losses'][i]:12.6f}" for n in names))
     worst = max(res[n]["max_rel"] for n in names)
     for n in names:
-        print(f"{n}: largest relative difference {res[n]['max_rel']:.2e} ({res[n]['seconds']:.0f} s)")
+        print(f"{n}: largest relative difference {res[n]['max_rel']:.2e}, absolute {res[n]['max_abs']:.2e} "
+              f"({res[n]['seconds']:.0f} s)")
     ok = worst < 1e-4
     print(("OK" if ok else "MISMATCH") + f": worst {worst:.2e} (tolerance 1e-4)")
     return 0 if ok else 1
