@@ -1,5 +1,7 @@
 """Hypothesis strategies shared by the sharding-equivalence tiers: a layout, then a small config and
-batch that the layout fits (heads, kv heads, experts, vocab, mlp divisible; any sequence length)."""
+batch that the layout fits (heads, kv heads, experts, vocab, mlp divisible; any sequence length).
+``cases(cp=True)`` draws context-parallel layouts (cp 2 or 4, with whatever else fits), a layout of
+the vision tower, and puts the first image of a row across a boundary of the cp chunks."""
 from dataclasses import dataclass
 
 import torch
@@ -19,6 +21,8 @@ class Case:
     images_per_row: tuple           # pattern of one data shard (every shard repeats it)
     padded: bool
     packed: bool
+    image_start: int = 1            # where a row's first image starts (its k-th: + k * (tokens + 1))
+    vision: str = "tp"              # the vision tower's layout (neva.parallel.plan.Plan.towers)
 
     def batch(self) -> dict:
         g = torch.Generator().manual_seed(self.batch_seed)
@@ -36,7 +40,7 @@ class Case:
         for b in range(B):
             k = self.images_per_row[b % self.rows_per_shard]
             for j in range(k):
-                s = 1 + j * (per + 1)
+                s = self.image_start + j * (per + 1)
                 ids[b, s:s + per] = cfg.image_token_id
                 labels[b, s:s + per] = -100
             n_img += k
@@ -58,14 +62,17 @@ class Case:
 
 
 @st.composite
-def cases(draw, max_world: int = 4, pp: bool = False, fill: bool = False) -> Case:
-    """``fill``: dp takes up the rest of ``max_world`` (a fixed-size process pool)."""
-    tp = draw(st.sampled_from([t for t in (1, 2, 4) if t <= max_world]))
-    ep = draw(st.sampled_from([e for e in (1, 2) if tp * e <= max_world]))
-    ppn = draw(st.sampled_from([p for p in (1, 2, 4) if tp * ep * p <= max_world])) if pp else 1
-    dp = max_world // (tp * ep * ppn) if fill else draw(st.sampled_from([d for d in (1, 2, 4) if tp * ep * ppn * d <= max_world]))
+def cases(draw, max_world: int = 4, pp: bool = False, fill: bool = False, cp: bool = False) -> Case:
+    """``fill``: dp takes up the rest of ``max_world`` (a fixed-size process pool). ``cp``: a
+    context-parallel layout (cp >= 2)."""
+    cpn = draw(st.sampled_from([c for c in (2, 4) if c <= max_world])) if cp else 1
+    tp = draw(st.sampled_from([t for t in (1, 2, 4) if t * cpn <= max_world]))
+    ep = draw(st.sampled_from([e for e in (1, 2) if tp * e * cpn <= max_world]))
+    ppn = draw(st.sampled_from([p for p in (1, 2, 4) if tp * ep * p * cpn <= max_world])) if pp else 1
+    dp = max_world // (tp * ep * ppn * cpn) if fill else draw(
+        st.sampled_from([d for d in (1, 2, 4) if tp * ep * ppn * d * cpn <= max_world]))
     sp = tp > 1 and draw(st.booleans())
-    layout = Layout(tp=tp, pp=ppn, ep=ep, dp=dp, sp=sp)
+    layout = Layout(tp=tp, pp=ppn, ep=ep, dp=dp, sp=sp, cp=cpn)
 
     kv = tp * draw(st.integers(1, 2))
     heads = kv * draw(st.sampled_from([1, 2]))
@@ -97,5 +104,13 @@ def cases(draw, max_world: int = 4, pp: bool = False, fill: bool = False) -> Cas
     images = tuple(draw(st.lists(st.integers(0, 2), min_size=rows, max_size=rows)))
     min_len = max(images) * (per + 1) + 3
     seq_len = draw(st.integers(min_len, min_len + 9))
+    start, vis = 1, "tp"
+    if cp:
+        vis = draw(st.sampled_from(["tp", "replicate", "frames"]))
+        m = 2 * cpn * (tp if sp else 1)                  # what model.normalize_batch pads T to
+        c = -(-seq_len // m) * m // (2 * cpn)            # tokens per cp chunk
+        b = draw(st.integers(1, 2 * cpn - 1))            # an image across the boundary of chunks b-1 and b
+        cand = b * c - draw(st.integers(1, max(1, per - 1)))
+        start = cand if 1 <= cand and cand + max(images) * (per + 1) + 2 <= seq_len else 1
     return Case(layout, cfg, draw(st.integers(0, 2**16)), rows, seq_len, images,
-                padded=draw(st.booleans()), packed=draw(st.booleans()))
+                padded=draw(st.booleans()), packed=draw(st.booleans()), image_start=start, vision=vis)

@@ -233,3 +233,18 @@ def test_frozen_base_is_left_out_and_checked(tmp_path):
         ckpt.load(path, S.init_state(other, setup), frozen=changed)
     with pytest.raises(ckpt.CheckpointError, match="stores only the trained leaves"):
         ckpt.load(path, S.init_state(params(cfg), setup), frozen=None)
+
+
+def test_cp_checkpoints_load_under_other_layouts_and_back(gloo_pool, gloo_pool2, run_data, uninterrupted, tmp_path):
+    """Written under cp2 x tp2, resumed in one process; written in one process, resumed under cp2
+    (2 processes); written there, resumed under cp2 x pp2: every segment continues the same run."""
+    cfg, params, batches = run_data
+    a, b = tmp_path / "a", tmp_path / "b"
+    first = gloo_pool.run(train_segment, Layout(cp=2, tp=2), cfg, params, batches, 0, N, str(a))[0]
+    assert ckpt.check_complete(ckpt.latest(a))["layout"] == "cp2xtp2"
+    assert first == pytest.approx(uninterrupted[:N], rel=1e-5)
+    assert train_segment(None, None, cfg, params, batches, N, 2 * N, str(a)) == pytest.approx(uninterrupted[N:], rel=1e-5)
+    train_segment(None, None, cfg, params, batches, 0, 1, str(b))
+    mid = gloo_pool2.run(train_segment, Layout(cp=2), cfg, params, batches, 1, N, str(b))[0]
+    rest = gloo_pool.run(train_segment, Layout(cp=2, pp=2), cfg, params, batches, N, 2 * N, str(b))[0]
+    assert mid + rest == pytest.approx(uninterrupted[1:], rel=1e-5)

@@ -86,10 +86,11 @@ def max_rel_err(a: dict, b: dict) -> float:
 
 
 def check_step(rank: int, cfg: ModelConfig, layout: Layout, params: dict, batch: dict, n_micro: int = 1,
-               schedule: str = "1f1b", grad_mode: str = "autograd") -> dict | None:
-    """A pool job: the step under ``layout`` (pp > 1: the ``schedule``), and on rank 0 the same
-    step in one process over the same micro-batches. -> on rank 0 {"stats", "stats_ref", "grad_err"}."""
-    par = parallel(cfg, layout, schedule=schedule)
+               schedule: str = "1f1b", grad_mode: str = "autograd", vision: str = "tp") -> dict | None:
+    """A pool job: the step under ``layout`` (pp > 1: the ``schedule``; ``vision``: the vision
+    tower's layout), and on rank 0 the same step in one process over the same micro-batches.
+    -> on rank 0 {"stats", "stats_ref", "grad_err"}."""
+    par = parallel(cfg, layout, schedule=schedule, vision=vision)
     stats, grads = sharded_grads(par, params, cfg, batch, n_micro, grad_mode=grad_mode)
     full = gather(par, grads)
     if rank != 0:
@@ -117,6 +118,27 @@ def all_to_all_vmap_check(rank: int, batch: int = 3, rows: int = 2, dim: int = 5
 
     got = torch.func.vmap(lambda xe: comm.all_to_all(xe, s, s, tdist.group.WORLD))(x)
     want = torch.stack([comm.all_to_all(xe, s, s, tdist.group.WORLD) for xe in x])
+    ggot = torch.func.vmap(torch.func.grad(f))(x)
+    gwant = torch.stack([torch.func.grad(f)(xe) for xe in x])
+    return max(float((got - want).abs().max()), float((ggot - gwant).abs().max()))
+
+
+def gather_kv_vmap_check(rank: int, batch: int = 3, heads: int = 2, chunk: int = 2, hd: int = 4) -> float:
+    """A pool job (every rank one cp rank): ``comm.gather_kv`` under ``torch.func.vmap`` (and vmap of
+    grad) equals running it example by example; -> the largest difference."""
+    from neva.comm import Dist
+
+    n = tdist.get_world_size()
+    d = Dist(cp=tdist.group.WORLD, cp_size=n, cp_rank=rank)
+    g = torch.Generator().manual_seed(rank)
+    x = torch.randn(batch, heads, 2 * chunk, hd, generator=g)
+    wt = torch.randn(heads, 2 * n * chunk, hd, generator=g)
+
+    def f(xe: Tensor) -> Tensor:
+        return (comm.gather_kv(xe, d, 1) * wt).sum()
+
+    got = torch.func.vmap(lambda xe: comm.gather_kv(xe, d, 1))(x)
+    want = torch.stack([comm.gather_kv(xe, d, 1) for xe in x])
     ggot = torch.func.vmap(torch.func.grad(f))(x)
     gwant = torch.stack([torch.func.grad(f)(xe) for xe in x])
     return max(float((got - want).abs().max()), float((ggot - gwant).abs().max()))
