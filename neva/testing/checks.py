@@ -2,11 +2,13 @@
 ``compute_grads`` in one process over the same micro-batches, loss statistics and every gradient."""
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.distributed as tdist
 from torch import Tensor
 
-from neva import comm
+from neva import comm, llm
 from neva.batch import split
 from neva.config import ModelConfig
 from neva.params import flatten, unflatten
@@ -114,14 +116,10 @@ def max_rel_err(a: dict, b: dict) -> float:
     return max(float((fa[k] - fb[k]).abs().max()) / max(float(fa[k].abs().max()), floor) for k in fa)
 
 
-def check_step(rank: int, cfg: ModelConfig, layout: Layout, params: dict, batch: dict, n_micro: int = 1,
-               schedule: str = "1f1b", grad_mode: str = "autograd", remat=None) -> dict | None:
-    """A pool job: the step under ``layout`` (pp > 1: the ``schedule``; ``remat``: a RematPolicy on
-    the sharded side), and on rank 0 the same step in one process over the same micro-batches, without
-    remat. -> on rank 0 {"stats", "stats_ref", "grad_err", "layer_runs"}: layer_runs[r][i] is how often
-    rank r ran decoder layer i (a forward, and each recomputation)."""
-    from neva import llm
-    par = parallel(cfg, layout, schedule=schedule)
+@contextlib.contextmanager
+def layer_runs():
+    """While open, counts how often each decoder layer runs (``neva.llm.block``: once per forward, and
+    once more per recomputation under remat) -> the dict {layer index: runs} it fills."""
     runs: dict[int, int] = {}
     block = llm.block
 
@@ -130,9 +128,20 @@ def check_step(rank: int, cfg: ModelConfig, layout: Layout, params: dict, batch:
         return block(lp, x, ctx, c, dist, i, *a, **k)
     llm.block = counted
     try:
-        stats, grads = sharded_grads(par, params, cfg, batch, n_micro, grad_mode=grad_mode, remat=remat)
+        yield runs
     finally:
         llm.block = block
+
+
+def check_step(rank: int, cfg: ModelConfig, layout: Layout, params: dict, batch: dict, n_micro: int = 1,
+               schedule: str = "1f1b", grad_mode: str = "autograd", remat=None) -> dict | None:
+    """A pool job: the step under ``layout`` (pp > 1: the ``schedule``; ``remat``: a RematPolicy on
+    the sharded side), and on rank 0 the same step in one process over the same micro-batches, without
+    remat. -> on rank 0 {"stats", "stats_ref", "grad_err", "layer_runs"}: layer_runs[r][i] is how often
+    rank r ran decoder layer i (a forward, and each recomputation)."""
+    par = parallel(cfg, layout, schedule=schedule)
+    with layer_runs() as runs:
+        stats, grads = sharded_grads(par, params, cfg, batch, n_micro, grad_mode=grad_mode, remat=remat)
     all_runs = [None] * layout.world if rank == 0 else None
     tdist.gather_object(runs, all_runs, dst=0)
     full = gather(par, grads)
