@@ -3,6 +3,8 @@ without a process group), the following three steps (on batches none of the firs
 uninterrupted run's losses, also along one axis (tp2 -> tp4, pp2 -> pp4, ep2 -> pp2 x tp2); an export
 holds exactly the params of the run that wrote the checkpoint; a corrupt shard is an error naming it,
 and train.resume=auto falls back to the newest intact checkpoint."""
+import functools
+
 import pytest
 
 from neva import model
@@ -40,8 +42,8 @@ def uninterrupted(run_data, tmp_path_factory):
 def saved_tp2pp2(gloo_pool, run_data, tmp_path_factory):
     cfg, params, batches = run_data
     d = tmp_path_factory.mktemp("tp2pp2")
-    first, gathered = gloo_pool.run(train_segment, Layout(tp=2, pp=2), cfg, params, batches, 0, N, str(d), 2, 1e-3,
-                                    False, True)[0]
+    first, gathered = gloo_pool.run(functools.partial(train_segment, with_params=True), Layout(tp=2, pp=2), cfg, params,
+                                    batches, 0, N, str(d))[0]
     return d, first, gathered
 
 

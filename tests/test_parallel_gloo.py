@@ -2,6 +2,8 @@
 and random plans that fill the world (tp, sp, ep, pp, dp), including pipelines (1F1B, GPipe) and
 torch.func gradients through the collectives: the real training step's statistics and every gradient
 equal the same step's in one process over the same micro-batches."""
+import functools
+
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -98,8 +100,7 @@ def test_training_steps_match_single_process(gloo_pool, layout, grad_accum):
     batches = [_batch(seed=s) for s in range(5)]
     kw = dict(grad_accum=grad_accum, lr=1e-3, clip=0.05, freeze=r"attn/wk/b$")
     ref = train_losses(None, layout, cfg, params, batches, **kw)
-    got = gloo_pool.run(train_losses, layout, cfg, params, batches, kw["grad_accum"], kw["lr"], kw["clip"], "fp32", "",
-                        False, kw["freeze"], True)[0]
+    got = gloo_pool.run(functools.partial(train_losses, **kw, replicas=True), layout, cfg, params, batches)[0]
     assert got["losses"] == pytest.approx(ref["losses"], rel=1e-5)
     assert got["grad_norms"] == pytest.approx(ref["grad_norms"], rel=1e-5)
     assert min(ref["grad_norms"]) > 2 * kw["clip"]                         # the clip scaled every step
