@@ -1,7 +1,9 @@
-"""Hypothesis strategies shared by the sharding-equivalence tiers: a layout, then a small config and
-batch that the layout fits (heads, kv heads, experts, vocab, mlp divisible; any sequence length).
-``cases(cp=True)`` draws context-parallel layouts (cp 2 or 4, with whatever else fits), a layout of
-the vision tower, and puts the first image of a row across a boundary of the cp chunks."""
+"""Hypothesis strategies shared by the sharding-equivalence tiers: a layout of 2-4 ranks (never one: a
+run compared with itself proves nothing), then a small config and batch that the layout fits (heads,
+kv heads, experts, vocab, mlp divisible; any sequence length); and the explicit cases where a
+sharding bug hides, which both tiers always run (``EXPLICIT``). ``cases(cp=True)`` draws
+context-parallel layouts (cp 2 or 4, with whatever else fits), a layout of the vision tower, and puts
+the first image of a row across a boundary of the cp chunks."""
 from dataclasses import dataclass
 
 import torch
@@ -21,6 +23,9 @@ class Case:
     images_per_row: tuple           # pattern of one data shard (every shard repeats it)
     padded: bool
     packed: bool
+    n_micro: int = 1                # micro-batches per data rank
+    uneven: bool = True             # label counts differ per data shard (real processes only: a simulated
+                                    # world needs equal shapes per rank, and the loss gathers label rows)
     image_start: int = 1            # where a row's first image starts (its k-th: + k * (tokens + 1))
     vision: str = "tp"              # the vision tower's layout (neva.parallel.plan.Plan.towers)
 
@@ -32,9 +37,11 @@ class Case:
         B, T = n_shards * self.rows_per_shard, self.seq_len
         ids = torch.randint(0, cfg.llm.vocab_size - 1, (B, T), generator=g)
         labels = ids.clone()
-        # masks are the same on every data shard (a simulated world needs equal shapes per rank)
-        drop = (torch.rand(self.rows_per_shard, T, generator=g) < 0.3).repeat(n_shards, 1)
-        labels[drop] = -100
+        if self.uneven:  # shard k drops a larger share of its labels than shard k - 1
+            rate = torch.linspace(0.1, 0.8, n_shards).repeat_interleave(self.rows_per_shard)
+            labels[torch.rand(B, T, generator=g) < rate[:, None]] = -100
+        else:            # the same mask on every data shard
+            labels[(torch.rand(self.rows_per_shard, T, generator=g) < 0.3).repeat(n_shards, 1)] = -100
         labels[:, -2] = ids[:, -2]      # at least one trained token per row (never padded, never media)
         n_img = 0
         for b in range(B):
@@ -62,15 +69,14 @@ class Case:
 
 
 @st.composite
-def cases(draw, max_world: int = 4, pp: bool = False, fill: bool = False, cp: bool = False) -> Case:
-    """``fill``: dp takes up the rest of ``max_world`` (a fixed-size process pool). ``cp``: a
-    context-parallel layout (cp >= 2)."""
-    cpn = draw(st.sampled_from([c for c in (2, 4) if c <= max_world])) if cp else 1
-    tp = draw(st.sampled_from([t for t in (1, 2, 4) if t * cpn <= max_world]))
-    ep = draw(st.sampled_from([e for e in (1, 2) if tp * e * cpn <= max_world]))
-    ppn = draw(st.sampled_from([p for p in (1, 2, 4) if tp * ep * p * cpn <= max_world])) if pp else 1
-    dp = max_world // (tp * ep * ppn * cpn) if fill else draw(
-        st.sampled_from([d for d in (1, 2, 4) if tp * ep * ppn * d * cpn <= max_world]))
+def cases(draw, max_world: int = 4, pp: bool = False, fill: bool = False, uneven: bool = True,
+          cp: bool = False) -> Case:
+    """``fill``: dp takes up the rest of ``max_world`` (a fixed-size process pool). ``uneven``: label
+    counts differ per data shard (needs real processes). ``cp``: a context-parallel layout (cp >= 2)."""
+    sizes = [(t, e, p, d, c) for t in (1, 2, 4) for e in (1, 2) for p in ((1, 2, 4) if pp else (1,))
+             for d in (1, 2, 4) for c in ((2, 4) if cp else (1,))
+             if 1 < t * e * p * d * c <= max_world and (not fill or t * e * p * d * c == max_world)]
+    tp, ep, ppn, dp, cpn = draw(st.sampled_from(sizes))
     sp = tp > 1 and draw(st.booleans())
     layout = Layout(tp=tp, pp=ppn, ep=ep, dp=dp, sp=sp, cp=cpn)
 
@@ -113,4 +119,31 @@ def cases(draw, max_world: int = 4, pp: bool = False, fill: bool = False, cp: bo
         cand = b * c - draw(st.integers(1, max(1, per - 1)))
         start = cand if 1 <= cand and cand + max(images) * (per + 1) + 2 <= seq_len else 1
     return Case(layout, cfg, draw(st.integers(0, 2**16)), rows, seq_len, images,
-                padded=draw(st.booleans()), packed=draw(st.booleans()), image_start=start, vision=vis)
+                padded=draw(st.booleans()), packed=draw(st.booleans()),
+                n_micro=draw(st.sampled_from([m for m in (1, 2) if rows % m == 0])), uneven=uneven,
+                image_start=start, vision=vis)
+
+
+def _explicit(layout: Layout, kind: str, seq_len: int, *, window=None, experts: int = 0, padded=False, packed=False,
+              rows: int = 2, images=(1, 0), seed: int = 7) -> Case:
+    tp = layout.tp
+    llm = LLMConfig(kind=kind, vocab_size=tp * 16, dim=32, n_layers=2 * layout.pp, n_heads=2 * tp, n_kv_heads=tp,
+                    head_dim=8, ffn_dim=tp * 16, n_experts=experts, top_k=2,
+                    z_loss_coef=0.001 if experts else 0.0, sliding_window=window, max_position=256)
+    vision = VisionConfig(kind="siglip", image_size=16, patch_size=8, dim=tp * 8, n_layers=1, n_heads=tp, mlp_dim=tp * 8,
+                          eps=1e-5, act="gelu_tanh", select_layer=-1)
+    cfg = ModelConfig(vision=vision, projector=ProjectorConfig("mlp2x_gelu"), llm=llm, image_token_id=tp * 16 - 1).validate()
+    return Case(layout, cfg, seed, rows, seq_len, images, padded=padded, packed=packed, n_micro=2 if rows % 2 == 0 else 1)
+
+
+# Where a sharding bug hides, run by both tiers on 4 ranks: a sliding window shorter than the sequence
+# under tp2 + sp (T = 15 is padded to 16 for the split), packed and padded; expert parallelism with
+# padding; four data shards with very different label counts (and one row of each shard padded). Every
+# case has uneven label counts per shard on real processes; the simulated tier runs them with equal ones.
+EXPLICIT = {
+    "window<T tp2+sp packed": _explicit(Layout(tp=2, dp=2, sp=True), "mistral", 15, window=4, packed=True),
+    "window<T tp2+sp padded": _explicit(Layout(tp=2, dp=2, sp=True), "mistral", 15, window=4, padded=True),
+    "ep2 padded": _explicit(Layout(ep=2, dp=2), "mixtral", 14, experts=4, padded=True),
+    "ep2 tp2+sp padded": _explicit(Layout(ep=2, tp=2, sp=True), "mixtral", 13, experts=4, padded=True),
+    "uneven labels dp4": _explicit(Layout(dp=4), "llama", 12, padded=True, images=(0, 1)),
+}

@@ -108,7 +108,7 @@ def test_each_sample_gets_its_own_images(ds, packing):
                 text = tok.decode(ids[ids != 32000])
                 if "How many shapes are there? [/INST]" not in text:
                     continue
-                answer = int(text.split("How many shapes are there? [/INST]")[1][0])
+                answer = int(text.split("How many shapes are there? [/INST]")[1].lstrip()[0])
                 x = pix[0] * 0.5 + 0.5                              # SigLIP normalisation undone
                 quads = [x[:, y:y + 16, z:z + 16] for y in (0, 16) for z in (0, 16)]
                 assert sum(int(((q - 24 / 255).abs().sum(0) > 0.3).sum() > 20) for q in quads) == answer

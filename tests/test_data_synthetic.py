@@ -103,7 +103,7 @@ def test_inspect_shows_trained_tokens_and_media_spans(capsys):
     out = capsys.readouterr().out
     rec = json.loads((d / "train.jsonl").read_text().splitlines()[1])
     assert "<image x 16>" in out and "sample 'train_000001'" in out
-    assert f"⟦{rec['conversations'][1]['value'].split()[0]}⟧" in out and "⟦</s>⟧" in out
+    assert f"⟦▁{rec['conversations'][1]['value'].split()[0]}⟧" in out and "⟦</s>⟧" in out   # the reply's word-start trains
     assert inspect_cli.main([str(d / "video_train.jsonl"), "--template", "mistral", "--tokenizer", "mixtral",
                              "--num-frames", "4"]) == 0
     assert "<video x 4 frames x 16>" in capsys.readouterr().out

@@ -22,7 +22,16 @@ H3 = "<|start_header_id|>{}<|end_header_id|>\n\n".format
 
 CASES = {
     # template: {case: (expected prompt, expected trained runs)}
+    # each reply is its own tokenizer call, so its first token carries the word-start (mistral-common)
     "mistral": {
+        "one": ("<s>[INST] <image>\nWhat is this? [/INST]A red circle.</s>", [" A red circle.</s>"]),
+        "multi": ("<s>[INST] <image>\nWhat is this? [/INST]A red circle.</s>[INST] Is it big? [/INST]No.</s>",
+                  [" A red circle.</s>", " No.</s>"]),
+        "system": ("<s>[INST] Be brief.\n\nHi [/INST]Hello.</s>", [" Hello.</s>"]),
+        "second": ("<s>[INST] Hello [/INST]Hi.</s>[INST] <image>\nWhat colour? [/INST]red</s>",
+                   [" Hi.</s>", " red</s>"]),
+    },
+    "mistral_vila": {
         "one": ("<s>[INST] <image>\nWhat is this? [/INST]A red circle.</s>", ["A red circle.</s>"]),
         "multi": ("<s>[INST] <image>\nWhat is this? [/INST]A red circle.</s>[INST] Is it big? [/INST]No.</s>",
                   ["A red circle.</s>", "No.</s>"]),
@@ -113,10 +122,11 @@ def test_template_prompt_and_mask(template, case):
     assert (enc.input_ids == len(tok) + 5).sum() == 3 * n_media
 
 
-@pytest.mark.parametrize("template", ["mistral", "v1", "llama_2", "plain"])
+@pytest.mark.parametrize("template", ["mistral_vila", "plain"])
 def test_tokens_equal_whole_string_tokenisation_with_image_as_special_token(template):
-    """Chunked tokenisation == HF tokenising the whole prompt with <image> as an added special token
-    (what LlavaProcessor does); the Mixtral vocab ends at 31999, so <image> gets id 32000."""
+    """Chunked tokenisation of a one-call template == HF tokenising the whole prompt with <image> as an
+    added special token (what LlavaProcessor does); the Mixtral vocab ends at 31999, so <image> gets
+    id 32000. (Templates with own calls are checked against their references in test_data_references.)"""
     tok, hf = tokenizers.mixtral(), mixtral_with("<image>")
     assert hf.convert_tokens_to_ids("<image>") == 32000
     for turns in ([ONE] if template == "plain" else [ONE, MULTI, SECOND]):
@@ -127,7 +137,7 @@ def test_tokens_equal_whole_string_tokenisation_with_image_as_special_token(temp
         assert enc.input_ids.tolist() == whole
 
 
-GEN_ENDS = {"mistral": "[/INST]", "v1": "ASSISTANT:", "llama_2": "[/INST]", "llama_3": H3("assistant"),
+GEN_ENDS = {"mistral": "[/INST]", "mistral_vila": "[/INST]", "v1": "ASSISTANT:", "llama_2": "[/INST]", "llama_3": H3("assistant"),
             "chatml": "<|im_start|>assistant\n", "nvgpt": f"<extra_id_2>{LBL}\n"}
 
 

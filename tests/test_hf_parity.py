@@ -1,6 +1,6 @@
 """Parity with transformers on tiny random-weight models: each vision encoder at its selected layer and
 each decoder as a causal LM, loaded through neva.hf from folders that transformers' own classes wrote.
-fp32, max abs error within 1e-4."""
+fp32, max abs error within 1e-6."""
 from __future__ import annotations
 
 import dataclasses
@@ -15,7 +15,7 @@ from neva.comm import LOCAL
 
 transformers = pytest.importorskip("transformers")
 transformers.logging.set_verbosity_error()
-TOL = 1e-4
+TOL = 1e-6      # observed: 0.0, and 4e-7 for Mixtral (expert sums in another order)
 
 
 def randomize(model: torch.nn.Module, seed: int = 0, scale: float = 0.05) -> torch.nn.Module:

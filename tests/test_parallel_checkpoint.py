@@ -1,6 +1,10 @@
 """Distributed checkpoints: written under one layout, resumed under another (or in one process
-without a process group), the following losses equal an uninterrupted run's; a corrupt shard is
-an error naming it, and train.resume=auto falls back to the newest intact checkpoint."""
+without a process group), the following three steps (on batches none of the first two used) have an
+uninterrupted run's losses, also along one axis (tp2 -> tp4, pp2 -> pp4, ep2 -> pp2 x tp2); an export
+holds exactly the params of the run that wrote the checkpoint; a corrupt shard is an error naming it,
+and train.resume=auto falls back to the newest intact checkpoint."""
+import functools
+
 import pytest
 
 from neva import model
@@ -10,7 +14,7 @@ from neva.testing.runs import train_segment
 from neva.train import checkpoint as ckpt
 from test_parallel_gloo import _batch, _main_like_cfg
 
-N = 2  # steps before and after the switch
+N, M = 2, 3  # steps before and after the switch
 
 
 @pytest.fixture(scope="module")
@@ -23,21 +27,24 @@ def gloo_pool2():
 @pytest.fixture(scope="module")
 def run_data():
     cfg = _main_like_cfg()
-    return cfg, model.init_params(cfg, 2), [_batch() for _ in range(2 * N)]
+    return cfg, model.init_params(cfg, 2), [_batch(seed=s) for s in range(N + M)]
 
 
 @pytest.fixture(scope="module")
 def uninterrupted(run_data, tmp_path_factory):
     cfg, params, batches = run_data
-    return train_segment(None, None, cfg, params, batches, 0, 2 * N, str(tmp_path_factory.mktemp("ref")))
+    losses = train_segment(None, None, cfg, params, batches, 0, N + M, str(tmp_path_factory.mktemp("ref")))
+    assert len(set(losses)) == N + M
+    return losses
 
 
 @pytest.fixture(scope="module")
 def saved_tp2pp2(gloo_pool, run_data, tmp_path_factory):
     cfg, params, batches = run_data
     d = tmp_path_factory.mktemp("tp2pp2")
-    first = gloo_pool.run(train_segment, Layout(tp=2, pp=2), cfg, params, batches, 0, N, str(d))[0]
-    return d, first
+    first, gathered = gloo_pool.run(functools.partial(train_segment, with_params=True), Layout(tp=2, pp=2), cfg, params,
+                                    batches, 0, N, str(d))[0]
+    return d, first, gathered
 
 
 def test_tp2pp2_then_dp2(gloo_pool2, run_data, uninterrupted, saved_tp2pp2, tmp_path):
@@ -48,7 +55,7 @@ def test_tp2pp2_then_dp2(gloo_pool2, run_data, uninterrupted, saved_tp2pp2, tmp_
     first = saved_tp2pp2[1]
     assert ckpt.check_complete(ckpt.latest(d))["layout"] == "pp2xtp2"
     assert first == pytest.approx(uninterrupted[:N], rel=1e-5)
-    rest = gloo_pool2.run(train_segment, Layout(dp=2), cfg, params, batches, N, 2 * N, str(d))[0]
+    rest = gloo_pool2.run(train_segment, Layout(dp=2), cfg, params, batches, N, N + M, str(d))[0]
     assert rest == pytest.approx(uninterrupted[N:], rel=1e-5)
 
 
@@ -57,14 +64,14 @@ def test_tp2pp2_then_single_process(run_data, uninterrupted, saved_tp2pp2, tmp_p
     cfg, params, batches = run_data
     d = tmp_path / "copy"
     shutil.copytree(saved_tp2pp2[0], d)
-    rest = train_segment(None, None, cfg, params, batches, N, 2 * N, str(d))
+    rest = train_segment(None, None, cfg, params, batches, N, N + M, str(d))
     assert rest == pytest.approx(uninterrupted[N:], rel=1e-5)
 
 
 def test_single_process_then_ep2_tp2_sp(gloo_pool, run_data, uninterrupted, tmp_path):
     cfg, params, batches = run_data
     first = train_segment(None, None, cfg, params, batches, 0, N, str(tmp_path))
-    rest = gloo_pool.run(train_segment, Layout(tp=2, ep=2, sp=True), cfg, params, batches, N, 2 * N, str(tmp_path))[0]
+    rest = gloo_pool.run(train_segment, Layout(tp=2, ep=2, sp=True), cfg, params, batches, N, N + M, str(tmp_path))[0]
     assert first + rest == pytest.approx(uninterrupted, rel=1e-5)
 
 
@@ -75,10 +82,22 @@ def test_zero1_checkpoints_resume_without_it_and_back(gloo_pool, gloo_pool2, run
     a, b = tmp_path / "a", tmp_path / "b"
     first = gloo_pool.run(train_segment, Layout(dp=2, tp=2), cfg, params, batches, 0, N, str(a), 2, 1e-3, True)[0]
     assert first == pytest.approx(uninterrupted[:N], rel=1e-5)
-    assert train_segment(None, None, cfg, params, batches, N, 2 * N, str(a)) == pytest.approx(uninterrupted[N:], rel=1e-5)
+    assert train_segment(None, None, cfg, params, batches, N, N + M, str(a)) == pytest.approx(uninterrupted[N:], rel=1e-5)
     train_segment(None, None, cfg, params, batches, 0, N, str(b))
-    rest = gloo_pool2.run(train_segment, Layout(dp=2), cfg, params, batches, N, 2 * N, str(b), 2, 1e-3, True)[0]
+    rest = gloo_pool2.run(train_segment, Layout(dp=2), cfg, params, batches, N, N + M, str(b), 2, 1e-3, True)[0]
     assert rest == pytest.approx(uninterrupted[N:], rel=1e-5)
+
+
+@pytest.mark.parametrize("before,after", [(Layout(tp=2), Layout(tp=4)), (Layout(pp=2), Layout(pp=4)),
+                                          (Layout(ep=2), Layout(pp=2, tp=2))], ids=str)
+def test_reshard_along_an_axis(gloo_pool, gloo_pool2, run_data, uninterrupted, tmp_path, before, after):
+    """Two steps on 2 ranks, then three more on 4 from its checkpoint: the losses are the
+    uninterrupted run's (the checkpoint's slices are cut anew for twice the shards)."""
+    cfg, params, batches = run_data
+    first = gloo_pool2.run(train_segment, before, cfg, params, batches, 0, N, str(tmp_path))[0]
+    assert ckpt.check_complete(ckpt.latest(tmp_path))["layout"] == str(before)
+    rest = gloo_pool.run(train_segment, after, cfg, params, batches, N, N + M, str(tmp_path))[0]
+    assert first + rest == pytest.approx(uninterrupted, rel=1e-5)
 
 
 def test_corrupt_shard_is_named_and_skipped(run_data, tmp_path):
@@ -96,19 +115,24 @@ def test_corrupt_shard_is_named_and_skipped(run_data, tmp_path):
 
 
 def test_export_of_a_sharded_checkpoint_loads_in_transformers(saved_tp2pp2, run_data, tmp_path):
-    """python -m neva.export on a checkpoint written by 4 ranks (tp2 x pp2): transformers loads the
-    folder and gives the logits neva gives with the checkpoint's params."""
+    """python -m neva.export on a checkpoint written by 4 ranks (tp2 x pp2): the folder holds exactly
+    the params those ranks held (gathered from them, not read back through the same loader), and
+    transformers gives the logits neva gives with them."""
     import shutil
     import torch
     from transformers import LlavaForConditionalGeneration
     from neva import experiment as X
     from neva import export as E
+    from neva import hf
+    from neva.params import flatten
     cfg, params, batches = run_data
     d = tmp_path / "run"
     shutil.copytree(saved_tp2pp2[0], d)
     X.save(X.Experiment(model=cfg), d)
     assert E.main([str(ckpt.latest(d)), str(tmp_path / "hf")]) == 0
-    _, ours = E.load_checkpoint_params(ckpt.latest(d), X.Experiment(model=cfg))
+    _, ours = hf.load(str(tmp_path / "hf"))
+    written, gathered = flatten(ours), flatten(saved_tp2pp2[2])       # what the 4 ranks held at the save
+    assert written.keys() == gathered.keys() and all(torch.equal(written[k], gathered[k]) for k in written)
     b = batches[0]
     hf_model = LlavaForConditionalGeneration.from_pretrained(str(tmp_path / "hf")).eval()
     with torch.no_grad():

@@ -1,11 +1,13 @@
-"""Sharding equivalence, fast tier: a simulated world of 1-4 ranks in this process (LocalTensorMode).
+"""Sharding equivalence, fast tier: a simulated world of 2-4 ranks in this process (LocalTensorMode).
 Random small configs and random plans that fit them (tp, sp, ep, dp), one or two micro-batches per
-data rank: the real training step's statistics and every parameter's gradient, unsharded, equal the
-same step's in one process over the same micro-batches (fp32)."""
+data rank, and the explicit hard cases of ``parallel_cases.EXPLICIT``: the real training step's
+statistics and every parameter's gradient, unsharded, equal the same step's in one process over the
+same micro-batches (fp32)."""
+import dataclasses
+
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
 
 from neva import comm, model
 from neva.comm import Dist
@@ -13,16 +15,14 @@ from neva.config import ModelConfig, tiny_llm, tiny_vision
 from neva.parallel.plan import Layout
 from neva.testing import gather, local_world, max_rel_err, reference_grads, sharded_grads, value_on
 from neva.testing.checks import same_stats
-from parallel_cases import cases
+from parallel_cases import EXPLICIT, cases
 
 RTOL = 1e-4
 
 
-@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(case=cases(max_world=4), data=st.data())
-def test_sharded_step_equals_single_process(case, data):
-    cfg, batch, lay = case.cfg, case.batch(), case.layout
-    n_micro = data.draw(st.sampled_from([m for m in (1, 2) if case.rows_per_shard % m == 0]), label="n_micro")
+def _check_case(case):
+    cfg, batch, lay, n_micro = case.cfg, case.batch(), case.layout, case.n_micro
+    assert lay.world > 1
     params = model.init_params(cfg, case.batch_seed)
     ref_stats, g_ref = reference_grads(params, cfg, batch, lay.dp * lay.ep * n_micro)
     with local_world(cfg, lay) as (par, mode):
@@ -30,6 +30,19 @@ def test_sharded_step_equals_single_process(case, data):
         full = gather(par, grads, mode)
     assert not same_stats(stats, ref_stats, RTOL)
     assert max_rel_err(g_ref, full) < RTOL
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(case=cases(max_world=4, uneven=False))
+def test_sharded_step_equals_single_process(case):
+    _check_case(case)
+
+
+@pytest.mark.parametrize("name", [n for n in EXPLICIT if "uneven" not in n])
+def test_hard_cases(name):
+    """``parallel_cases.EXPLICIT`` (with equal label counts per shard: a simulated world needs equal
+    shapes per rank; the gloo tier runs them uneven)."""
+    _check_case(dataclasses.replace(EXPLICIT[name], uneven=False))
 
 
 def _world(tp):

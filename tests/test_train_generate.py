@@ -95,7 +95,7 @@ def test_stop_strings_and_eos():
         generate(p, cfg, ps, pix, Sampling(stop_strings=("x",)))
 
 
-def _hf_tiny_llava(folder, moe: bool):
+def _hf_tiny_llava(folder, moe: bool, window: int | None = None):
     from transformers import (LlavaConfig, LlavaForConditionalGeneration, MistralConfig, MixtralConfig,
                               SiglipVisionConfig)
     torch.manual_seed(0)
@@ -104,7 +104,7 @@ def _hf_tiny_llava(folder, moe: bool):
     kw = dict(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
               num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2,
               tie_word_embeddings=False)
-    tc = MixtralConfig(num_local_experts=4, num_experts_per_tok=2, **kw) if moe else MistralConfig(sliding_window=None, **kw)
+    tc = MixtralConfig(num_local_experts=4, num_experts_per_tok=2, **kw) if moe else MistralConfig(sliding_window=window, **kw)
     cfg = LlavaConfig(vision_config=vc, text_config=tc, image_token_index=299, vision_feature_layer=-1,
                       vision_feature_select_strategy="full", projector_hidden_act="gelu")
     m = LlavaForConditionalGeneration(cfg).eval()
@@ -116,12 +116,21 @@ def _hf_tiny_llava(folder, moe: bool):
     return m
 
 
-@pytest.mark.parametrize("moe", [True, False])
-def test_greedy_matches_transformers(tmp_path, moe):
+@pytest.mark.parametrize("moe,window", [(True, None), (False, None), (False, 6)],
+                         ids=["mixtral", "mistral", "mistral-window6"])
+def test_greedy_matches_transformers(tmp_path, moe, window):
+    """Mixtral, Mistral, and a Mistral whose sliding window (6) is shorter than both prompts (22 and 37
+    tokens), so prefill and every cached decode step drop keys; the window must change the answer."""
     hf_mod = pytest.importorskip("neva.hf")
-    hf = _hf_tiny_llava(tmp_path / "llava", moe)
+    hf = _hf_tiny_llava(tmp_path / "llava", moe, window)
     cfg, p = hf_mod.load(str(tmp_path / "llava"))
+    assert cfg.llm.sliding_window == window
     ps, pix = prompts_and_images(cfg, seed=3)
+    assert all(len(pr) > (window or 0) for pr in ps[:2])
+    if window:
+        import dataclasses
+        full = dataclasses.replace(cfg, llm=dataclasses.replace(cfg.llm, sliding_window=None))
+        unwindowed = generate(p, full, ps[:2], pix[:3], Sampling(max_new_tokens=8, stop_at_eos=False))["tokens"]
     ours = generate(p, cfg, ps[:2], pix[:3], Sampling(max_new_tokens=8, stop_at_eos=False))["tokens"]
     for i, pr in enumerate(ps[:2]):                   # HF one prompt at a time (no padding ambiguity)
         imgs = pix[:1] if i == 0 else pix[1:3]
@@ -129,3 +138,5 @@ def test_greedy_matches_transformers(tmp_path, moe):
             out = hf.generate(input_ids=torch.tensor([pr]), pixel_values=imgs, attention_mask=torch.ones(1, len(pr), dtype=torch.long),
                               max_new_tokens=8, do_sample=False, eos_token_id=None, pad_token_id=0)
         assert out[0, len(pr):].tolist() == ours[i]
+    if window:
+        assert unwindowed != ours

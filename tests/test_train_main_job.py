@@ -193,23 +193,35 @@ def _torchrun(workdir, nproc, *args):
     return out
 
 
+def _rows(run: Path) -> list[dict]:
+    return [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+
+
 def test_main_job_under_torchrun_and_resumed_in_another_layout(workdir):
-    """torchrun with tp2 x pp2 on 4 processes: one run.dir, the same metrics rows as a single process,
-    a checkpoint that records its layout; then resumed in one process, it carries on from there."""
-    common = ["train.warmup=1", "checkpoint.every=2", "eval.max_samples=4", "train.precision=fp32",
-              "checkpoint.keep_last=3", "run.dir=runs/tp"]
-    out = _torchrun(workdir, 4, "parallel.tp=2", "parallel.pp=2", "train.steps=2", "train.grad_accum=2", *common)
+    """torchrun with tp2 x pp2, dp2 and tp2 + sp + ep2 (2 rows per data rank, so the global batch is 4
+    rows in every layout): each step's loss equals one process's on the same global batch in the
+    same micro-batches, within 1e-4. One run.dir (one metrics writer, the same row format as one
+    process), a checkpoint that records its layout; then resumed in one process, it carries on."""
+    common = ["checkpoint.every=2", "eval.max_samples=4", "train.precision=fp32", "checkpoint.keep_last=3",
+              "train.steps=2"]
+    job.main(SMALL + common + ["train.grad_accum=2", "run.dir=runs/one", "checkpoint.export_hf=false"])
+    one = _rows(workdir / "runs/one")
+    want = [r["loss"] for r in one]
+    assert len(want) == 2 and want[0] != want[1]
+    out = _torchrun(workdir, 4, "parallel.tp=2", "parallel.pp=2", "train.grad_accum=2", *common, "run.dir=runs/tp")
     assert "plan pp2xtp2" in out.stdout                     # the plan summary, printed once
     run = workdir / "runs/tp"
-    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    rows = _rows(run)
     assert [r["step"] for r in rows] == [1, 2]              # one writer, not four
-    job.main(SMALL + ["train.steps=1", "run.dir=runs/one", "train.precision=fp32", "eval.max_samples=4"])
-    one = json.loads((workdir / "runs/one/metrics.jsonl").read_text().splitlines()[0])
-    assert set(rows[0]) == set(one)                         # the same format in every layout
+    assert set(rows[0]) == set(one[0])                      # the same format in every layout
+    assert [r["loss"] for r in rows] == pytest.approx(want, rel=1e-4)
+    for name, nproc, layout in (("dp2", 2, []), ("tp2sp_ep2", 4, ["parallel.tp=2", "parallel.sp=true", "parallel.ep=2"])):
+        _torchrun(workdir, nproc, *layout, "data.batch_size=2", *common, "checkpoint.export_hf=false", f"run.dir=runs/{name}")
+        assert [r["loss"] for r in _rows(workdir / "runs" / name)] == pytest.approx(want, rel=1e-4), name
     assert ckpt.check_complete(ckpt.latest(run / "checkpoints"))["layout"] == "pp2xtp2"
     assert (run / "metrics.json").exists() and (run / "hf" / "config.json").exists()
     job.main(SMALL + ["train.steps=3", "train.resume=auto", "train.grad_accum=2", *common[:-1], "run.dir=runs/tp"])
-    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    rows = _rows(run)
     assert [r["step"] for r in rows] == [1, 2, 3]
 
 

@@ -1,8 +1,10 @@
-"""Each precision trains the tiny model; O2 masters stay fp32; fp16 scaler; remat gives identical grads."""
+"""Each precision trains the tiny model; O2 masters stay fp32; fp16 scaler and a forced overflow; remat
+gives identical grads and recomputes exactly the layers its policy names."""
 import pytest
 import torch
 
 from neva.params import flatten
+from neva.testing.checks import layer_runs
 from neva.train import optim
 from neva.train import step as S
 from neva.train.precision import LossScaler
@@ -37,6 +39,58 @@ def test_loss_scaler_halves_on_overflow_and_grows():
     assert s.scale == 4.0
     s.update(True), s.update(True)
     assert s.scale == 8.0
+
+
+def _flat_copy(tree):
+    return {k: v.clone() for k, v in flatten(tree).items()}
+
+
+def overflowing_scale(cfg, p, b, setup) -> float:
+    """The smallest power of two whose fp16 step on ``b`` overflows (found by bisection on fresh states):
+    a step at half of it is finite."""
+    tr = optim.trainable_paths(p, setup.opt)
+
+    def overflows(k):
+        g, _ = S.compute_grads(p, cfg, [b], trainable=tr, pol=setup.pol, loss_scale=2.0 ** k)
+        return not torch.isfinite(optim.global_norm(g))
+    lo, hi = 0, 127                      # finite at 2^lo, overflow at 2^hi
+    assert not overflows(lo) and overflows(hi)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if overflows(mid) else (mid, hi)
+    return 2.0 ** hi
+
+
+def test_fp16_overflow_skips_the_step_halves_the_scale_and_the_next_step_trains():
+    cfg = tiny_cfg()
+    setup = S.StepSetup(cfg, optim.AdamW(lr=3e-3, warmup=0, total=10), precision="fp16")
+    b = batch(cfg, B=4, T=40)
+    scale = overflowing_scale(cfg, params(cfg), b, setup)
+    st = S.init_state(params(cfg), setup)
+    st.scaler.scale = scale
+    before, moments = _flat_copy(st.params), {k: v.clone() for k, v in st.opt_state["m"].items()}
+    row = S.train_step(st, [b], setup)
+    assert row["skipped_now"] and row["loss_scale"] == scale / 2 and st.step == 0 and st.skipped == 0
+    after = flatten(st.params)
+    assert all(torch.equal(before[k], after[k]) for k in before)               # bit-identical
+    assert all(torch.equal(moments[k], st.opt_state["m"][k]) for k in moments)
+    row = S.train_step(st, [b], setup)
+    assert not row["skipped_now"] and st.step == 1 and st.scaler.scale == scale / 2
+    assert any(not torch.equal(before[k], v) for k, v in flatten(st.params).items())
+
+
+@pytest.mark.parametrize("method,n,want", [("none", 1, [1, 1, 1]), ("uniform", 1, [2, 2, 2]), ("uniform", 2, [2, 2, 2]),
+                                           ("block", 1, [2, 1, 1]), ("block", 2, [2, 2, 1])])
+@pytest.mark.parametrize("mode", ["autograd", "func"])
+def test_remat_recomputes_exactly_the_layers_it_names(method, n, want, mode):
+    """Runs of each decoder layer in one forward + backward: once in the forward, and once more in the
+    backward for every layer the policy checkpoints (uniform: all; block: the first n)."""
+    cfg = tiny_cfg(layers=3)
+    p, b = params(cfg), batch(cfg)
+    with layer_runs() as runs:
+        S.compute_grads(p, cfg, [b], trainable=optim.trainable_paths(p, optim.AdamW()), mode=mode,
+                        remat=RematPolicy(method, n))
+    assert [runs.get(i, 0) for i in range(cfg.llm.n_layers)] == want
 
 
 @pytest.mark.parametrize("method,n", [("uniform", 1), ("uniform", 2), ("block", 2)])

@@ -22,7 +22,7 @@ class DataConfig:
     image_folder: str | None = None       # image paths are relative to this (default: the data file's folder)
     video_folder: str | None = None       # a folder or a .tar of videos (default: the data file's folder)
     tokenizer: str = "mixtral"            # mixtral | llama3 (shipped, offline) | a local HF tokenizer folder
-    template: str = "mistral"             # plain | v1 | llama_2 | llama_3 | mistral | nvgpt | chatml
+    template: str = "mistral"   # plain | v1 | llama_2 | llama_3 | mistral | mistral_vila (NeMo's) | nvgpt | chatml
     system_prompt: str | None = None      # replaces the template's default system prompt
     image_mode: str = "square"            # square (the encoder's HF processor) | pad (LLaVA-1.5) | keep
     num_frames: int = 4                   # frames per <video> (NeMo: linspace; repeat the last; -1 = all frames)

@@ -4,7 +4,10 @@
 
 Shows the rendered prompt, then the token stream: trained tokens inside ``⟦ ⟧`` (green on a
 terminal), masked tokens plain, and each media span as ``<image x N>`` (``<video x F frames x N>``).
-``--table`` adds one line per token (position, id, piece, label).
+``--table`` adds one line per token (position, id, piece, label). Then it checks the template against
+the tokenizer's own chat template (a local folder's ``chat_template``, or the published one of a
+shipped tokenizer's model): the same conversation rendered by that template and tokenised whole must
+give the same ids; a pair that differs is flagged with the first token where they part.
 """
 from __future__ import annotations
 
@@ -14,7 +17,8 @@ from pathlib import Path
 
 from neva.data import templates, tokenizers
 from neva.data.records import read
-from neva.data.tokenize import encode
+from neva.data.templates import Piece
+from neva.data.tokenize import Encoded, encode
 from neva.batch import IGNORE
 
 GREEN, DIM, RESET = "\033[32m", "\033[2m", "\033[0m"
@@ -48,6 +52,28 @@ def show_sample(rec, enc, tok, *, color: bool = False, table: bool = False) -> s
             piece = "<media>" if any(s.start <= p < s.end for s in enc.spans) else repr(tok.decode([t]))
             lines.append(f"{p:>5} {t:>7}  {'-' if l == IGNORE else l:>7}  {piece}")
     return "\n".join(lines)
+
+
+def chat_template_diff(t: templates.Template, turns, system: str | None, ours: Encoded, tok, chat_template: str, *,
+                       image_token_id: int, tokens_per_image: int, frames: list[int]) -> str | None:
+    """None if ``ours`` (the conversation under template ``t``) has the ids that ``chat_template`` renders
+    and the tokenizer tokenises whole (media tags expanded the same way); else what differs."""
+    sys_prompt = t.system if system is None else system
+    msgs = ([{"role": "system", "content": sys_prompt}] if sys_prompt and t.uses_system else []) + \
+        [{"role": turn.role, "content": turn.text} for turn in turns]
+    try:
+        text = tok.apply_chat_template(msgs, chat_template=chat_template, tokenize=False)
+    except Exception as e:  # noqa: BLE001 - a template that raises (e.g. no system role) is reported
+        return f"the tokenizer's chat template cannot render this conversation: {e}"
+    theirs = encode([Piece(text)], tok, image_token_id=image_token_id, tokens_per_image=tokens_per_image,
+                    frames=frames, require_trained=False)
+    a, b = ours.input_ids.tolist(), theirs.input_ids.tolist()
+    if a == b:
+        return None
+    i = next((k for k, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+    show = lambda ids: " ".join(str(tok.convert_ids_to_tokens(x)) for x in ids[max(0, i - 3):i + 4])  # noqa: E731
+    return (f"template {t.name} and the tokenizer's own chat template give different tokens ({len(a)} vs {len(b)}); "
+            f"from token {i}: ours [{show(a)}] vs theirs [{show(b)}]")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -117,6 +143,17 @@ def _main(argv: list[str] | None) -> int:
     print("".join(f"⟦{p.text}⟧" if p.trained else p.text for p in pieces))
     print("--- tokens (trained ⟦ ⟧, media as <image x N>)")
     print(show_sample(rec, enc, tok, color=color, table=a.table))
+    own = tokenizers.own_chat_template(tok, a.tokenizer)
+    skip = ("plain is a pretraining layout, not a chat" if t.name == "plain" else
+            f"tokenizer {a.tokenizer} has no chat_template" if own is None else
+            "--max-seq-len truncates the sample" if a.max_seq_len is not None else None)
+    if skip:
+        print(f"--- the tokenizer's own chat template: not compared ({skip})")
+        return 0
+    sys_prompt = a.system_prompt if a.system_prompt is not None else rec.system
+    diff = chat_template_diff(t, list(rec.turns), sys_prompt, enc, tok, own, image_token_id=image_token_id,
+                              tokens_per_image=a.tokens_per_image, frames=frames)
+    print("--- the tokenizer's own chat template: " + ("same tokens" if diff is None else f"DIFFERS\nwarning: {diff}"))
     return 0
 
 

@@ -1,27 +1,47 @@
-"""NeMo's NeVA conversation templates, rendered as pieces of text that are trained or not.
+"""Conversation templates, rendered as pieces of text that are trained or not.
 
-A template turns alternating user/assistant turns into ``Piece(text, trained)``s whose concatenation
-is the exact prompt string. Only assistant replies and the end token that closes them are trained;
-media tags (``<image>``, ``<video>``) stay in the user text and are expanded by ``tokenize``.
+A template turns alternating user/assistant turns into ``Piece(text, trained, own_call)``s whose
+concatenation is the exact prompt string. Only assistant replies and the end token that closes them are
+trained; media tags (``<image>``, ``<video>``) stay in the user text and are expanded by ``tokenize``.
+A piece with ``own_call`` is tokenised on its own, as a new tokenizer call (a sentencepiece tokenizer
+then starts it with its word-start marker ``▁``), never merged with the text before it: that is how
+the reference implementations below cut the text into encode calls, whatever the HF tokenizer's
+``legacy`` / prepend setting does after a special token.
 
-Exact layouts (B / E: the tokenizer's BOS / EOS; ``[...]`` marks the trained text):
+Exact layouts (B / E: the tokenizer's BOS / EOS; ``[...]`` the trained text; ``|`` a new call):
 
 * ``plain``    (pretraining, one pair)  ``<image>[caption\\n]``  -- the user text is dropped, as NeMo does
-* ``v1``       ``B{sys} USER: {q1} ASSISTANT: [{a1}E]USER: {q2} ASSISTANT: [{a2}E]``
-* ``llama_2``  ``B[INST] <<SYS>>\\n{sys}\\n<</SYS>>\\n\\n{q1} [/INST] [{a1} E]B[INST] {q2} [/INST] [{a2} E]``
-* ``mistral``  ``B[INST] {sys\\n}{q1} [/INST][{a1}E][INST] {q2} [/INST][{a2}E]``
-* ``llama_3``  ``<|begin_of_text|><|start_header_id|>system<|end_header_id|>\\n\\n{sys}<|eot_id|>``
-  then per turn ``<|start_header_id|>user<|end_header_id|>\\n\\n{q}<|eot_id|>``
+* ``v1``       ``B|{sys} USER: {q1} ASSISTANT: [{a1}E]|USER: {q2} ASSISTANT: [{a2}E]``
+* ``llama_2``  ``B|[INST] <<SYS>>\\n{sys}\\n<</SYS>>\\n\\n{q1} [/INST] [{a1} E]B|[INST] {q2} [/INST] [{a2} E]``
+* ``mistral``  ``B|[INST] {sys\\n\\n}{q1} [/INST]|[{a1}E]|[INST] {q2} [/INST]|[{a2}E]``
+* ``mistral_vila``  ``B[INST] {sys\\n}{q1} [/INST][{a1}E][INST] {q2} [/INST][{a2}E]`` (one call)
+* ``llama_3``  ``<|begin_of_text|><|start_header_id|>system<|end_header_id|>\\n\\n{sys}<|eot_id|>`` (no
+  system block when the system prompt is empty), then per turn
+  ``<|start_header_id|>user<|end_header_id|>\\n\\n{q}<|eot_id|>``
   ``<|start_header_id|>assistant<|end_header_id|>\\n\\n[{a}<|eot_id|>]``
 * ``nvgpt``    ``<extra_id_0>System\\n{sys}<extra_id_1>User\\n{q}\\n<extra_id_1>Assistant\\n``
   ``<extra_id_2>{label}\\n[{a}\\n<extra_id_1>]`` (the next ``User\\n...`` follows)
 * ``chatml``   ``<|im_start|>system\\n{sys}<|im_end|>\\n<|im_start|>user\\n{q}<|im_end|>\\n``
-  ``<|im_start|>assistant\\n[{a}<|im_end|>]\\n``
+  ``<|im_start|>assistant\\n[{a}<|im_end|>]\\n`` (no system block when the system prompt is empty)
 
-Sources: NeMo ``multimodal/data/neva/conversation.py`` + ``neva_dataset.py`` (plain, v1, llama_2,
-llama_3, nvgpt and their masks) and ``vlm/neva/data/conversation.py`` (mistral as VILA renders it,
-chatml). Where NeMo's strings have known quirks we follow what the model family was trained on: v1
-and llama_2 start with BOS (LLaVA's tokenizer adds it; NeMo 1 re-maps its own BOS id to 1), and
+Sources, and the reference each is tested against token for token (``tests/test_data_references.py``):
+* ``mistral``: Mistral's own V1 instruct format (Mistral-7B-Instruct-v0.1/v0.2, Mixtral-8x7B-Instruct),
+  as ``mistral-common``'s ``MistralTokenizer.v1()`` encodes it: BOS, then each message its own
+  sentencepiece call (``[INST] {q} [/INST]``, then the reply), EOS after each reply, the system
+  prompt joined to the first user message by a blank line. Labels as ``mistral-finetune`` masks:
+  each reply's tokens and its EOS.
+* ``mistral_vila``: NeMo's ``mistral`` (``vlm/neva/data/conversation.py``, VILA's ``conv_mistral_vila``),
+  one string tokenised whole. It differs from Mistral's own: the ``[INST]`` after BOS and EOS and the
+  first word of each reply lose their word-start marker (``[`` 28792 for ``▁[`` 733, ``Three`` for
+  ``▁Three``), and the system prompt is joined by one newline.
+* ``llama_3``: NeMo's ``llava_llama_3`` = Meta's Llama-3 chat format (``llama-models``' ``ChatFormat``).
+* ``llama_2``: NeMo's ``llava_llama_2`` = Llama-2-chat's chat template; Meta's own encoding
+  (``llama`` ``chat_completion``) makes each round ``[INST] ... [/INST] {a} `` one sentencepiece call.
+* ``v1``: NeMo's / LLaVA's ``conv_vicuna_v1`` = FastChat's ``vicuna_v1.1``; LLaVA tokenised it with the
+  slow (legacy) Llama tokenizer, which encodes each run of text between special tokens on its own.
+* ``chatml``: the ChatML format as OpenHermes-2.5-Mistral-7B's chat template writes it.
+* ``plain``, ``nvgpt``: NeMo ``multimodal/data/neva/conversation.py`` + ``neva_dataset.py``.
+v1 and llama_2 start with BOS (LLaVA's tokenizer adds it; NeMo 1 re-maps its own BOS id to 1), and
 llama_2 uses Meta's ``</s><s>`` between rounds.
 """
 from __future__ import annotations
@@ -44,6 +64,7 @@ class Turn:
 class Piece:
     text: str
     trained: bool = False
+    own_call: bool = False     # tokenised as a new tokenizer call, not as the continuation of the text before
 
 
 @dataclass(frozen=True)
@@ -87,12 +108,12 @@ def media_tags_in(text: str) -> list[str]:
 
 
 def _v1(turns, system, bos, eos, generation=False):
-    pieces, head = [], bos + system + " "
+    pieces, head = [Piece(bos)], system + " "
     for user, reply in _pairs(turns):
         if reply is None:
-            pieces.append(Piece(head + f"USER: {user.text} ASSISTANT:"))
+            pieces.append(Piece(head + f"USER: {user.text} ASSISTANT:", own_call=True))
             break
-        pieces += [Piece(head + f"USER: {user.text} ASSISTANT: "), Piece(reply.text + eos, True)]
+        pieces += [Piece(head + f"USER: {user.text} ASSISTANT: ", own_call=True), Piece(reply.text + eos, True)]
         head = ""
     return pieces
 
@@ -101,14 +122,28 @@ def _llama_2(turns, system, bos, eos, generation=False):
     pieces = []
     for i, (user, reply) in enumerate(_pairs(turns)):
         q = (f"<<SYS>>\n{system}\n<</SYS>>\n\n" if i == 0 and system else "") + user.text
+        pieces.append(Piece(bos))
         if reply is None:
-            pieces.append(Piece(f"{bos}[INST] {q} [/INST]"))
+            pieces.append(Piece(f"[INST] {q} [/INST]", own_call=True))
             break
-        pieces += [Piece(f"{bos}[INST] {q} [/INST] "), Piece(f"{reply.text} {eos}", True)]
+        pieces += [Piece(f"[INST] {q} [/INST] ", own_call=True), Piece(f"{reply.text} {eos}", True)]
     return pieces
 
 
 def _mistral(turns, system, bos, eos, generation=False):
+    """Mistral's V1 instruct format as mistral-common encodes it: every message its own call."""
+    pieces = [Piece(bos)]
+    for i, (user, reply) in enumerate(_pairs(turns)):
+        q = ((system + "\n\n") if i == 0 and system else "") + user.text
+        pieces.append(Piece(f"[INST] {q} [/INST]", own_call=True))
+        if reply is None:
+            break
+        pieces.append(Piece(reply.text + eos, True, own_call=True))
+    return pieces
+
+
+def _mistral_vila(turns, system, bos, eos, generation=False):
+    """NeMo's (VILA's) rendering: one string, tokenised whole."""
     pieces = []
     for i, (user, reply) in enumerate(_pairs(turns)):
         q = ((system + "\n") if i == 0 and system else "") + user.text
@@ -124,7 +159,7 @@ def _header(role: str) -> str:
 
 
 def _llama_3(turns, system, bos, eos, generation=False):
-    pieces = [Piece("<|begin_of_text|>" + _header("system") + system + "<|eot_id|>")]
+    pieces = [Piece("<|begin_of_text|>" + (_header("system") + system + "<|eot_id|>" if system else ""))]
     for user, reply in _pairs(turns):
         pieces.append(Piece(_header("user") + user.text + "<|eot_id|>" + _header("assistant")))
         if reply is None:
@@ -164,6 +199,7 @@ TEMPLATES: dict[str, Template] = {
     "v1": Template("v1", VICUNA_SYSTEM, _v1, lambda eos: eos, needs_bos_eos=True),
     "llama_2": Template("llama_2", LLAVA_SYSTEM, _llama_2, lambda eos: eos, needs_bos_eos=True),
     "mistral": Template("mistral", "", _mistral, lambda eos: eos, needs_bos_eos=True),
+    "mistral_vila": Template("mistral_vila", "", _mistral_vila, lambda eos: eos, needs_bos_eos=True),
     "llama_3": Template("llama_3", LLAVA_SYSTEM, _llama_3, lambda eos: "<|eot_id|>",
                         specials=("<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")),
     "nvgpt": Template("nvgpt", VICUNA_SYSTEM + "\n\n", _nvgpt, lambda eos: "\n<extra_id_1>",

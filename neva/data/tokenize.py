@@ -1,16 +1,19 @@
 """Template pieces -> (input_ids, labels) with media spans expanded, checked, and truncated.
 
 How a sample is tokenised, and why it cannot silently disagree with its template:
-* The rendered text is cut at media tags into chunks. Each chunk is tokenised *whole*, with
-  character offsets, so tokens are exactly what whole-string tokenisation gives (no length
-  arithmetic per round, the source of LLaVA's silently-zeroed-loss bug). A chunk that follows a
-  media span is tokenised as text that follows a special token (as HF's LlavaProcessor sees text
-  after its ``<image>`` token): sentencepiece adds no word-start marker there.
+* The rendered text is cut at media tags, and before every ``own_call`` piece, into chunks. Each
+  chunk is tokenised *whole*, with character offsets, so tokens are exactly what tokenising that
+  string gives (no length arithmetic per round, the source of LLaVA's silently-zeroed-loss bug). A
+  chunk that starts the text or an ``own_call`` piece is tokenised as a string of its own (a
+  sentencepiece tokenizer starts it with ``▁``, as ``mistral-common`` and Meta's ``llama`` encode each
+  message); a chunk that follows a media span is tokenised as text that follows a special token (as
+  HF's LlavaProcessor sees text after its ``<image>`` token).
 * A token is trained iff its characters overlap a trained piece. A token that straddles a
   template boundary may only carry whitespace from the untrained side (``ASSISTANT: red`` ->
   ``▁red``); anything else raises, naming the sample.
-* Each chunk's tokens must decode back to the chunk's text, every non-space character must be
-  covered by a token, and at least one label must be trained, else ``BadSample``.
+* Each chunk's tokens must decode back to the chunk's text (up to the word-start a legacy
+  sentencepiece tokenizer puts after a special token), every non-space character must be covered by a
+  token, and at least one label must be trained, else ``BadSample``.
 * Each media tag becomes ``frames x tokens_per_image`` copies of ``image_token_id`` (a ``<video>``'s
   frames ``tokens_per_frame`` each when the projector pools frames).
 * Truncation to ``max_seq_len`` is explicit (reported in ``Encoded.truncated``) and never cuts a
@@ -58,15 +61,20 @@ class Encoded:
 
 
 def _chunks(pieces: list[Piece], name: str):
-    """-> list of ("text", str, char-level trained mask) | ("media", tag), in order."""
+    """-> list of ("text", str, char-level trained mask, starts a call) | ("media", tag), in order."""
     out, text, mask = [], [], []
+    fresh = [True]                       # the next text chunk starts a tokenizer call (not after media)
 
     def flush():
         if text:
-            out.append(("text", "".join(text), np.concatenate(mask)))
+            out.append(("text", "".join(text), np.concatenate(mask), fresh[0]))
             text.clear(), mask.clear()
+            fresh[0] = True
 
     for p in pieces:
+        if p.own_call:
+            flush()
+            fresh[0] = True
         if p.trained:
             if _TAG_RE.search(p.text):
                 raise BadSample(f"{name}: a media tag appears in an assistant reply ({p.text[:60]!r}); media go in "
@@ -79,6 +87,7 @@ def _chunks(pieces: list[Piece], name: str):
                 text.append(p.text[pos:m.start()]), mask.append(np.zeros(m.start() - pos, bool))
             flush()
             out.append(("media", m.group()))
+            fresh[0] = False
             pos = m.end()
         if pos < len(p.text):
             text.append(p.text[pos:]), mask.append(np.zeros(len(p.text) - pos, bool))
@@ -87,6 +96,20 @@ def _chunks(pieces: list[Piece], name: str):
 
 
 _ANCHORS: dict[int, tuple] = {}   # id(tok) -> (weakref to tok, anchor): a reused id is detected
+_SPECIALS: dict[int, tuple] = {}  # id(tok) -> (weakref to tok, regex of its special / added tokens + " ")
+
+
+def _squeeze_after_specials(tok, text: str) -> str:
+    """``text`` without the single space right after each special token: a legacy sentencepiece
+    tokenizer starts the text after a special token with its word-start marker, which decodes as a
+    space that the rendered text does not have."""
+    hit = _SPECIALS.get(id(tok))
+    if hit is None or hit[0]() is not tok:
+        specials = sorted({*getattr(tok, "all_special_tokens", []), *getattr(tok, "get_added_vocab", dict)()},
+                          key=len, reverse=True)
+        hit = (weakref.ref(tok), re.compile("(" + "|".join(re.escape(s) for s in specials if s) + ") ") if specials else None)
+        _SPECIALS[id(tok)] = hit
+    return text if hit[1] is None else hit[1].sub(r"\1", text)
 
 
 def anchor_token(tok) -> str:
@@ -135,7 +158,8 @@ def _check_chunk(tok, text: str, ids: list[int], offs, trained_chars: np.ndarray
         back = tok.decode(tok.convert_tokens_to_ids([a]) + ids, skip_special_tokens=False,
                           clean_up_tokenization_spaces=False)
         back = back[len(a):] if back.startswith(a) else back
-    if back != text and not (first and back.lstrip() == text.lstrip()):
+    if back != text and not (first and back.lstrip() == text.lstrip()) and \
+            _squeeze_after_specials(tok, back).lstrip() != _squeeze_after_specials(tok, text).lstrip():
         i = next((k for k, (a, b) in enumerate(zip(back, text)) if a != b), min(len(back), len(text)))
         raise BadSample(f"{name}: tokens decode to text that differs from the rendered template at char {i}: "
                         f"{back[max(0, i - 20):i + 20]!r} vs {text[max(0, i - 20):i + 20]!r}")
@@ -163,10 +187,9 @@ def encode(pieces: list[Piece], tok, *, image_token_id: int, tokens_per_image: i
             labels += [IGNORE] * n
             k += 1
             continue
-        _, text, trained_chars = c
-        after = i > 0   # every chunk but the first follows a media span
-        cids, offs = _encode_chunk(tok, text, after, name)
-        flags = _check_chunk(tok, text, cids, offs, trained_chars, first=not after, name=name)
+        _, text, trained_chars, fresh = c
+        cids, offs = _encode_chunk(tok, text, not fresh, name)
+        flags = _check_chunk(tok, text, cids, offs, trained_chars, first=fresh, name=name)
         if image_token_id in cids:
             raise BadSample(f"{name}: the text tokenises to image_token_id={image_token_id}, which must be an id the "
                             f"tokenizer never produces (e.g. len(tokenizer) = {len(tok)})")

@@ -5,6 +5,8 @@
 * ``llama3()``: the Llama-3 tiktoken BPE shipped by ``llama-models``, converted once to a fast HF
   tokenizer with Llama-3's special tokens (``<|begin_of_text|>``, ``<|eot_id|>``, headers, ...).
 * ``load(spec)``: ``"mixtral"`` | ``"llama3"`` | a local folder with an HF tokenizer.
+* ``own_chat_template(tok, spec)``: the chat template the tokenizer's model serves with (its own, or
+  for the shipped two the one their makers publish), for ``neva.data.inspect`` to check a template.
 
 Everything downstream needs a *fast* tokenizer: label masks come from character offsets.
 Converted folders are cached under ``$NEVA_CACHE`` (default ``~/.cache/neva``).
@@ -109,6 +111,32 @@ def llama3():
         raise RuntimeError(f"the Llama-3 tokenizer in {llama3_folder()} maps <|eot_id|> to "
                            f"{tok.convert_tokens_to_ids('<|eot_id|>')}, not 128009: delete that folder")
     return tok
+
+
+# The chat templates of the shipped tokenizers' models, on one line each (the published text, with the
+# whitespace between Jinja tags removed). With these tokenizers their renderings tokenise exactly as the
+# models' reference code does (tests/test_data_references.py).
+# Mistral's V1 instruct format: mistralai/cookbook concept-deep-dive/tokenization/templates.md, "Tokenizer
+# V1" (Mistral-7B-Instruct-v0.1/v0.2, Mixtral-8x7B-Instruct-v0.1); the spaces it writes before [INST]
+# and the reply are the word-start markers mistral-common's per-message encoding gives.
+MISTRAL_V1_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+    "{% if message['role'] == 'user' %}{{ ' [INST] ' + message['content'] + ' [/INST]' }}"
+    "{% elif message['role'] == 'assistant' %}{{ ' ' + message['content'] + eos_token }}"
+    "{% else %}{{ raise_exception('Only user and assistant roles are supported!') }}{% endif %}{% endfor %}")
+# meta-llama/Meta-Llama-3-8B-Instruct, tokenizer_config.json "chat_template".
+LLAMA3_CHAT_TEMPLATE = (
+    "{% set loop_messages = messages %}{% for message in loop_messages %}{% set content = '<|start_header_id|>' + "
+    "message['role'] + '<|end_header_id|>\n\n'+ message['content'] | trim + '<|eot_id|>' %}{% if loop.index0 == 0 %}"
+    "{% set content = bos_token + content %}{% endif %}{{ content }}{% endfor %}{% if add_generation_prompt %}"
+    "{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}")
+OWN_CHAT_TEMPLATES = {"mixtral": MISTRAL_V1_CHAT_TEMPLATE, "llama3": LLAMA3_CHAT_TEMPLATE}
+
+
+def own_chat_template(tok, spec: str) -> str | None:
+    """The tokenizer's own chat template, else the published one of a shipped tokenizer's model, else None."""
+    return getattr(tok, "chat_template", None) or OWN_CHAT_TEMPLATES.get(spec)
 
 
 def load(spec: str):

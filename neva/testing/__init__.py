@@ -12,11 +12,13 @@ computes. Like ``torch.testing``, it is for tests (ours and yours):
 
 Both sides run the real training step (``neva.train.step.compute_grads``; under pp the real pipeline
 schedule), never a copy of it: the reference is the same function in one process over the same
-micro-batches. Whole training runs (optimizer, accumulation, precision, LoRA, ZeRO-1, checkpoints
-resumed across layouts) are in ``neva.testing.runs``.
+micro-batches. ``replica_mismatches(par, tree)`` compares, byte for byte, the copies of each leaf
+shard that several ranks hold (replicas over dp, tp, ep), which ``gather`` never looks at. Whole
+training runs (optimizer, accumulation, precision, fp16 overflow, LoRA, ZeRO-1, checkpoints resumed
+across layouts) are in ``neva.testing.runs``.
 """
-from neva.testing.checks import check_step, gather, max_rel_err, reference_grads, sharded_grads
+from neva.testing.checks import check_step, gather, max_rel_err, reference_grads, replica_mismatches, sharded_grads
 from neva.testing.worlds import GlooPool, local_world, parallel, value_on
 
 __all__ = ["GlooPool", "local_world", "parallel", "value_on", "check_step", "gather", "max_rel_err",
-           "reference_grads", "sharded_grads"]
+           "reference_grads", "replica_mismatches", "sharded_grads"]

@@ -2,11 +2,13 @@
 ``compute_grads`` in one process over the same micro-batches, loss statistics and every gradient."""
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.distributed as tdist
 from torch import Tensor
 
-from neva import comm
+from neva import comm, llm
 from neva.batch import split
 from neva.config import ModelConfig
 from neva.params import flatten, unflatten
@@ -48,11 +50,12 @@ def _my_micro_batches(par: Parallel, cfg: ModelConfig, batch: dict, n_micro: int
 
 
 def sharded_grads(par: Parallel, params: dict, cfg: ModelConfig, batch: dict, n_micro: int = 1,
-                  mode=None, grad_mode: str = "autograd") -> tuple[dict, dict]:
+                  mode=None, grad_mode: str = "autograd", remat=None) -> tuple[dict, dict]:
     """The step under ``par``: the global ``batch`` split over the data ranks, each rank's share into
     ``n_micro`` micro-batches, the params sharded -> (stats, this rank's gradients, synchronised).
     ``mode``: the LocalTensorMode of a simulated world (None: real processes). ``grad_mode="func"``
-    (torch.func.grad) needs real processes: LocalTensors cannot leave C++ under functorch."""
+    (torch.func.grad) needs real processes: LocalTensors cannot leave C++ under functorch.
+    ``remat``: a ``RematPolicy`` for this side (the reference never rematerialises)."""
     if mode is None:
         local = par.shard(params)
     else:                                  # a plain tensor cannot be sliced by a per-rank offset: build each rank's slice
@@ -60,8 +63,36 @@ def sharded_grads(par: Parallel, params: dict, cfg: ModelConfig, batch: dict, n_
         local = unflatten({p: mode.rank_map(lambda r, t=t, p=p: par.plan.shard_leaf(t, pl[p], lay.coords(r)))
                            for p, t in flatten(params).items()})
     grads, stats = compute_grads(local, cfg, _my_micro_batches(par, cfg, batch, n_micro, mode), par,
-                                 trainable=list(flatten(local)), mode=grad_mode)
+                                 trainable=list(flatten(local)), mode=grad_mode, remat=remat)
     return stats, unflatten(grads)
+
+
+def replica_mismatches(par: Parallel, tree: dict) -> tuple[int, list[str]] | None:
+    """A collective over real processes: every rank's copy of every leaf shard (``tree``: this rank's
+    local leaves) goes to rank 0, which compares the copies that ranks holding the same shard keep
+    (replicas over dp, over tp for replicated leaves, over ep for non-expert leaves) byte for byte.
+    -> on rank 0 (number of copies compared with a first copy, [leaves whose copies differ]); None elsewhere."""
+    flat = {p: t.detach().contiguous() for p, t in flatten(tree).items()}
+    trees = [None] * par.layout.world if par.rank == 0 else None
+    tdist.gather_object(flat, trees, dst=0)
+    if par.rank != 0:
+        return None
+    pl, lay = par.placements({p for t in trees for p in t}), par.layout
+    first: dict[tuple, tuple[int, Tensor]] = {}
+    compared, bad = 0, []
+    for r, t in enumerate(trees):
+        c = lay.coords(r)
+        for p, v in t.items():
+            key = (p, tuple(c[ax] for ax in pl[p] if ax))
+            if key not in first:
+                first[key] = (r, v)
+                continue
+            r0, v0 = first[key]
+            compared += 1
+            if v.shape != v0.shape or not torch.equal(v.view(-1).view(torch.uint8), v0.view(-1).view(torch.uint8)):
+                bad.append(f"{p} shard {key[1]}: rank {r} differs from rank {r0} "
+                           f"(max |diff| {float((v.float() - v0.float()).abs().max()) if v.shape == v0.shape else 'shape'})")
+    return compared, bad
 
 
 def gather(par: Parallel, local: dict, mode=None) -> dict | None:
@@ -85,18 +116,40 @@ def max_rel_err(a: dict, b: dict) -> float:
     return max(float((fa[k] - fb[k]).abs().max()) / max(float(fa[k].abs().max()), floor) for k in fa)
 
 
+@contextlib.contextmanager
+def layer_runs():
+    """While open, counts how often each decoder layer runs (``neva.llm.block``: once per forward, and
+    once more per recomputation under remat) -> the dict {layer index: runs} it fills."""
+    runs: dict[int, int] = {}
+    block = llm.block
+
+    def counted(lp, x, ctx, c, dist, i, *a, **k):
+        runs[i] = runs.get(i, 0) + 1
+        return block(lp, x, ctx, c, dist, i, *a, **k)
+    llm.block = counted
+    try:
+        yield runs
+    finally:
+        llm.block = block
+
+
 def check_step(rank: int, cfg: ModelConfig, layout: Layout, params: dict, batch: dict, n_micro: int = 1,
-               schedule: str = "1f1b", grad_mode: str = "autograd", vision: str = "tp") -> dict | None:
-    """A pool job: the step under ``layout`` (pp > 1: the ``schedule``; ``vision``: the vision
-    tower's layout), and on rank 0 the same step in one process over the same micro-batches.
-    -> on rank 0 {"stats", "stats_ref", "grad_err"}."""
+               schedule: str = "1f1b", grad_mode: str = "autograd", remat=None, vision: str = "tp") -> dict | None:
+    """A pool job: the step under ``layout`` (pp > 1: the ``schedule``; ``remat``: a RematPolicy on
+    the sharded side; ``vision``: the vision tower's layout), and on rank 0 the same step in one process
+    over the same micro-batches, without remat. -> on rank 0 {"stats", "stats_ref", "grad_err",
+    "layer_runs"}: layer_runs[r][i] is how often rank r ran decoder layer i (a forward, and each
+    recomputation)."""
     par = parallel(cfg, layout, schedule=schedule, vision=vision)
-    stats, grads = sharded_grads(par, params, cfg, batch, n_micro, grad_mode=grad_mode)
+    with layer_runs() as runs:
+        stats, grads = sharded_grads(par, params, cfg, batch, n_micro, grad_mode=grad_mode, remat=remat)
+    all_runs = [None] * layout.world if rank == 0 else None
+    tdist.gather_object(runs, all_runs, dst=0)
     full = gather(par, grads)
     if rank != 0:
         return None
     ref_stats, ref = reference_grads(params, cfg, batch, layout.dp * layout.ep * n_micro, grad_mode)
-    return {"stats": stats, "stats_ref": ref_stats, "grad_err": max_rel_err(ref, full)}
+    return {"stats": stats, "stats_ref": ref_stats, "grad_err": max_rel_err(ref, full), "layer_runs": all_runs}
 
 
 def same_stats(got: dict, want: dict, rel: float = 1e-4) -> list[str]:
