@@ -103,17 +103,20 @@ def _forward(params: dict, cfg: ModelConfig, x_btd: Tensor, pos_bt: Tensor, q_sl
 @torch.no_grad()
 def generate(params: dict, cfg: ModelConfig, prompts: list[list[int]], pixel_values: Media | None = None,
              sampling: Sampling = Sampling(), tokenizer: Any = None, dist: Dist = LOCAL,
+             video_frames: Tensor | None = None,
              on_token: Callable[[Tensor, Tensor], None] | None = None) -> dict:
     """Continue each prompt (token ids, image tokens expanded; ``pixel_values`` float[N, 3, H, W] for
-    all images and video frames of all prompts in order, per tower for kind=fused). -> {"tokens": [[new ids] per prompt],
+    all images and video frames of all prompts in order, per tower for kind=fused; ``video_frames``
+    bool[N] marks the frames, which matters when the projector pools them). -> {"tokens": [[new ids] per prompt],
     "text": [decoded new text] (with a tokenizer, cut at a stop string), "finish": ["eos" | "stop" |
     "length"]}. Stop strings need ``tokenizer`` (anything with ``decode(ids)``). ``on_token(tok int[B],
     done bool[B])`` is called after every step (a row's EOS arrives with its row done), for streaming."""
     s = sampling.validate()
     if s.stop_strings and tokenizer is None:
         raise ValueError("stop_strings need a tokenizer to decode the generated text")
-    if dist.tp is not None:
-        raise NotImplementedError("generation under tensor parallelism is not wired yet; run it with tp=1")
+    if dist.tp is not None or dist.cp is not None:
+        raise NotImplementedError("generation under tensor or context parallelism is not wired yet; run it with "
+                                  "tp=1 and cp=1")
     lc = cfg.llm
     pad = lc.pad_id if lc.pad_id is not None else (lc.eos_id if lc.eos_id is not None else 0)
     ids, am = left_pad(prompts, pad)
@@ -124,7 +127,8 @@ def generate(params: dict, cfg: ModelConfig, prompts: list[list[int]], pixel_val
     dtype = params["llm"]["embed"]["w"].dtype
     cache = init_cache(cfg, B, S, dtype, dist)
     kv_valid = torch.cat([am.bool(), torch.ones(B, s.max_new_tokens, dtype=torch.bool)], 1)
-    nb = model.normalize_batch(cfg, {"input_ids": ids, "attention_mask": am, "pixel_values": pixel_values})
+    nb = model.normalize_batch(cfg, {"input_ids": ids, "attention_mask": am, "pixel_values": pixel_values,
+                                     "video_frames": video_frames})
     x = model.embed_inputs(params, cfg, nb, dist)
     pos = nb["position_ids"]
     logits = _forward(params, cfg, x, pos, torch.arange(T), kv_valid, cache, 0, dist)
