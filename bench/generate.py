@@ -4,7 +4,7 @@ The forward-backward bench's model (``forward_backward.hf_model``: SigLIP 4 laye
 image tokens; Mixtral 4 layers, hidden 256, 8 experts top-2, 32k vocabulary), its weights drawn
 larger so greedy choices are decisive. Prompts of one image each and 8-23 text tokens (left-padded
 in a batch), batch 1 and 8, 64 new tokens, fp32 and bf16 (weights cast, no autocast), no stop at
-eos. Per side, from time stamps of each step's tokens (``generate``'s ``on_step``, transformers'
+eos. Per side, from time stamps of each step's tokens (``generate``'s ``on_token``, transformers'
 streamer): time to first token (encode, prefill, first token), decode tokens/s (the other 63 tokens
 of each row over the time from the first token to the last) and peak memory (the most the process's
 resident memory grew during a run, sampled every millisecond). Runs of
@@ -80,13 +80,13 @@ class PeakRSS:
 
 
 class Clock:
-    """Time stamps of each step's tokens: ``generate``'s ``on_step`` and transformers' streamer
+    """Time stamps of each step's tokens: ``generate``'s ``on_token`` and transformers' streamer
     (whose first ``put`` is the prompt)."""
 
     def __init__(self, skip: int = 0):
         self.t0, self.stamps, self.skip = time.perf_counter(), [], skip
 
-    def __call__(self, tokens) -> None:
+    def __call__(self, tokens, done=None) -> None:
         self.stamps.append(time.perf_counter())
 
     def put(self, value) -> None:
@@ -111,7 +111,7 @@ class Clock:
 
 def ours(params, cfg, ps, pix, n: int) -> tuple[list[list[int]], Clock]:
     clock = Clock()
-    out = generate(params, cfg, ps, pix, Sampling(max_new_tokens=n, stop_at_eos=False), on_step=clock)
+    out = generate(params, cfg, ps, pix, Sampling(max_new_tokens=n, stop_at_eos=False), on_token=clock)
     return out["tokens"], clock
 
 

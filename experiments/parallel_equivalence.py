@@ -4,6 +4,7 @@ ep2, and dp2 x tp2, gives the single-process run's per-step losses (within 1e-4 
 
     python experiments/parallel_equivalence.py              # 20 steps, batch 16
     python experiments/parallel_equivalence.py --steps 5 --batch 8
+    python experiments/parallel_equivalence.py --cp --steps 12   # cp2 on 2 processes, cp2 x tp2 on 4
 
 Every run sees the same global batches, split into 2 micro-batches per step (over data ranks where
 there are 2, else by accumulation), so the MoE load-balancing statistics are grouped alike.
@@ -29,6 +30,7 @@ from neva.testing.runs import train_losses  # noqa: E402
 
 LAYOUTS = {"tp2xpp2": (Layout(tp=2, pp=2), 2), "tp2+sp,ep2": (Layout(tp=2, ep=2, sp=True), 1),
            "dp2xtp2": (Layout(tp=2, dp=2), 1)}
+CP_LAYOUTS = {"cp2": (Layout(cp=2), 2), "cp2xtp2": (Layout(cp=2, tp=2), 2)}   # 2 micro-batches by accumulation
 
 
 def batches(n: int, batch_size: int) -> list[dict]:
@@ -40,26 +42,32 @@ def batches(n: int, batch_size: int) -> list[dict]:
     return [{k: v for k, v in next(it).items() if isinstance(v, torch.Tensor)} for _ in range(n)]
 
 
-def run(steps: int = 20, batch_size: int = 16, lr: float = 1e-3, pool: GlooPool | None = None) -> dict:
-    """-> {"reference": [losses], name: {"losses": [...], "max_rel": float, "seconds": float}}."""
+def run(steps: int = 20, batch_size: int = 16, lr: float = 1e-3, pool: GlooPool | None = None,
+        layouts: dict | None = None) -> dict:
+    """-> {"reference": [losses], name: {"losses": [...], "max_rel", "max_abs", "seconds"}}. Each
+    layout runs on a pool of its own world size (``pool`` is used where it fits)."""
     torch.set_num_threads(1)          # as each pool process: threads that wait on each other cost more here
+    layouts = layouts or LAYOUTS
     cfg = main_job.model_config()
     params = model.init_params(cfg, seed=0)
     data = batches(steps, batch_size)
     t0 = time.time()
     ref = train_losses(None, Layout(dp=2), cfg, params, data, 1, lr=lr)["losses"]
     out: dict = {"reference": ref, "reference_seconds": time.time() - t0}
-    own = pool is None
-    pool = pool or GlooPool(4)
+    pools = {pool.world: pool} if pool is not None else {}
     try:
-        for name, (lay, accum) in LAYOUTS.items():
+        for name, (lay, accum) in layouts.items():
+            if lay.world not in pools:
+                pools[lay.world] = GlooPool(lay.world)
             t0 = time.time()
-            got = pool.run(train_losses, lay, cfg, params, data, accum, lr, timeout=1800)[0]["losses"]
+            got = pools[lay.world].run(train_losses, lay, cfg, params, data, accum, lr, timeout=1800)[0]["losses"]
             rel = max(abs(a - b) / abs(b) for a, b in zip(got, ref))
-            out[name] = {"losses": got, "max_rel": rel, "seconds": time.time() - t0}
+            out[name] = {"losses": got, "max_rel": rel, "max_abs": max(abs(a - b) for a, b in zip(got, ref)),
+                         "seconds": time.time() - t0}
     finally:
-        if own:
-            pool.close()
+        for p in pools.values():
+            if p is not pool:
+                p.close()
     return out
 
 
@@ -67,15 +75,18 @@ def main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--cp", action="store_true", help="the context-parallel layouts: cp2 (2 processes), cp2 x tp2 (4)")
     a = ap.parse_args(argv)
-    res = run(a.steps, a.batch)
-    names = list(LAYOUTS)
+    layouts = CP_LAYOUTS if a.cp else LAYOUTS
+    res = run(a.steps, a.batch, layouts=layouts)
+    names = list(layouts)
     print(f"{'step':>4}  {'single':>10}  " + "  ".join(f"{n:>12}" for n in names))
     for i, r in enumerate(res["reference"]):
         print(f"{i + 1:>4}  {r:10.6f}  " + "  ".join(f"{res[n]['losses'][i]:12.6f}" for n in names))
     worst = max(res[n]["max_rel"] for n in names)
     for n in names:
-        print(f"{n}: largest relative difference {res[n]['max_rel']:.2e} ({res[n]['seconds']:.0f} s)")
+        print(f"{n}: largest relative difference {res[n]['max_rel']:.2e}, absolute {res[n]['max_abs']:.2e} "
+              f"({res[n]['seconds']:.0f} s)")
     ok = worst < 1e-4
     print(("OK" if ok else "MISMATCH") + f": worst {worst:.2e} (tolerance 1e-4)")
     return 0 if ok else 1

@@ -123,15 +123,19 @@ def ensure_data(exp: X.Experiment) -> None:
 def check_export(exp: X.Experiment) -> None:
     """An HF export that cannot happen is an error now, not after training."""
     if exp.checkpoint.export_hf:
+        from neva.hf.folder import image_processor
         from neva.hf.translate import llava_json
         try:
             llava_json(exp.model, "float32")
+            image_processor(exp.model, exp.data.image_mode)
         except ValueError as e:
             raise X.ConfigError(str(e)) from None
 
 
-def main(argv: list[str], base_exp: X.Experiment | None = None) -> dict:
-    """The job on ``base_exp`` (default ``base()``) with the command line's overrides."""
+def main(argv: list[str], base_exp: X.Experiment | None = None, ensure=None) -> dict:
+    """The job on ``base_exp`` (default ``base()``) with the command line's overrides. Another experiment
+    reuses it with its own ``base_exp`` and ``ensure(exp)`` (writes its data when absent), e.g.
+    ``experiments/long_video.py``."""
     t_start = time.time()
     recipe, argv = split_recipe(argv)
     base_exp = base_exp or base()
@@ -142,7 +146,7 @@ def main(argv: list[str], base_exp: X.Experiment | None = None) -> dict:
     check_export(exp)
     threads, why_threads = pick_threads(exp.run.threads)
     if os.environ.get("LOCAL_RANK", "0") == "0":   # one writer per node
-        ensure_data(exp)
+        (ensure or ensure_data)(exp)
     torch.manual_seed(exp.train.seed)
     cfg, params = base_params(exp)                 # full on every rank; big HF models: par.hf_slices
     exp = replace(exp, model=cfg)
@@ -150,7 +154,8 @@ def main(argv: list[str], base_exp: X.Experiment | None = None) -> dict:
     specs = model.specs(cfg)                       # what the plan places: the model, and LoRA factors if any
     if t.lora:
         specs = lora.specs(specs, lora.LoraConfig(t.lora, t.lora_rank, t.lora_alpha, t.seed))
-    par = runtime.setup(cfg, pc.tp, pc.pp, pc.ep, pc.sp, schedule=pc.pp_schedule, zero1=pc.zero1, specs=specs)
+    par = runtime.setup(cfg, pc.tp, pc.pp, pc.ep, pc.sp, schedule=pc.pp_schedule, zero1=pc.zero1, specs=specs,
+                        cp=pc.cp, vision=pc.vision)
     if not par.single:
         torch.distributed.barrier()                # rank 0 may have been writing the dataset
     say = print if par.main else (lambda *a, **k: None)
@@ -198,8 +203,7 @@ def main(argv: list[str], base_exp: X.Experiment | None = None) -> dict:
                    skipped_samples=skipped, skipped_steps=res.skipped_steps)
     if exp.checkpoint.export_hf:
         from neva import hf
-        hf.save(final, cfg, str(run_dir / "hf"))
-        tok.save_pretrained(str(run_dir / "hf"))
+        hf.save(final, cfg, str(run_dir / "hf"), data=exp.data, tokenizer=tok)   # weights + what serving needs
     report.plot(run_dir)
     segment = {"steps": len(res.rows), "train_seconds": metrics.pop("train_seconds"),
                "wall_seconds": round(time.time() - t_start, 1), "threads": threads,

@@ -44,22 +44,53 @@ def media_cat(parts: list[Media]) -> Media:
     return torch.cat(parts)
 
 
+MEDIA_KEYS = ("pixel_values", "video_frames")   # one entry per media image, row-major over the batch
+
+
+def media_per_row(batch: dict, cfg: ModelConfig) -> list[int]:
+    """Media images (images and video frames) each row holds, read off its image tokens: an image
+    is ``tokens_per_image`` tokens, a video frame (``video_frames`` True) ``tokens_per_frame`` (fewer
+    when the projector pools frames). Raise where a row's tokens are not whole media."""
+    counts = (batch["input_ids"] == cfg.image_token_id).sum(1).tolist()
+    per, per_frame = cfg.tokens_per_image, cfg.tokens_per_frame
+    flags = batch.get("video_frames")
+    if flags is None or per == per_frame:
+        for b, c in enumerate(counts):
+            if c % per:
+                raise ValueError(f"sample {b} of the batch has {c} image tokens (id {cfg.image_token_id}), not a "
+                                 f"multiple of tokens_per_image={per}: expand each <image> to {per} tokens")
+        return [c // per for c in counts]
+    flags, out, i = flags.tolist(), [], 0
+    for b, c in enumerate(counts):
+        k = 0
+        while c > 0 and i < len(flags):
+            c -= per_frame if flags[i] else per
+            i, k = i + 1, k + 1
+        if c:
+            raise ValueError(f"sample {b} of the batch: its image tokens (id {cfg.image_token_id}) do not add up to "
+                             f"whole media (an image is {per} tokens, a pooled video frame {per_frame}; "
+                             f"video_frames marks which media are frames)")
+        out.append(k)
+    return out
+
+
 def split(batch: dict, cfg: ModelConfig, n: int) -> list[dict]:
-    """``n`` batches of B/n consecutive rows each; ``pixel_values`` follow the images each row holds
-    (counted from its image tokens), so the pieces run the same samples as the whole."""
+    """``n`` batches of B/n consecutive rows each; ``pixel_values`` (and ``video_frames``) follow the
+    media each row holds (``media_per_row``), so the pieces run the same samples as the whole."""
     B = batch["input_ids"].shape[0]
     if n < 1 or B % n:
         raise ValueError(f"{n} parts (micro-batches x data ranks) does not divide the batch size {B}: make "
                          "data.batch_size a multiple of train.grad_accum")
-    imgs = ((batch["input_ids"] == cfg.image_token_id).sum(1) // cfg.tokens_per_image).tolist()
+    imgs = media_per_row(batch, cfg)
     out, first = [], 0
     for i in range(n):
         rows = slice(i * B // n, (i + 1) * B // n)
         part = {k: v[rows] for k, v in batch.items()
-                if isinstance(v, Tensor) and k != "pixel_values" and v.dim() and v.shape[0] == B}
+                if isinstance(v, Tensor) and k not in MEDIA_KEYS and v.dim() and v.shape[0] == B}
         k = sum(imgs[rows])
-        if batch.get("pixel_values") is not None:
-            part["pixel_values"] = media_map(lambda t: t[first:first + k], batch["pixel_values"])
+        for key in MEDIA_KEYS:
+            if batch.get(key) is not None:
+                part[key] = media_map(lambda t: t[first:first + k], batch[key])
         first += k
         out.append(part)
     return out

@@ -13,11 +13,25 @@ Pairs (forward / backward):
   reduce_scatter_seq reduce-scatter / all-gather     (leave a TP region into SP)
   scatter_seq       take own chunk  / all-gather     (replicated -> SP)
   all_to_all        all-to-all      / all-to-all with the splits swapped (EP dispatch)
+  gather_kv         all-gather      / reduce-scatter (CP: every rank's keys and values, in sequence order)
+  gather_frames     all-gather      / keep own share over tp, reduce-scatter over cp (frame-parallel media)
+
+Context parallelism (``cp``): the sequence is cut into 2 x cp chunks and rank i holds chunks i and
+2cp-1-i (Megatron's causal load balancing: every rank gets one early and one late chunk, so the
+causal attention work is even). ``cp_local`` takes those chunks of a whole sequence (its backward
+puts the gradient back at those positions, zeros elsewhere: the ranks' parts are summed with the
+gradients); attention gathers every rank's keys and values (``gather_kv``).
+
+``counting()`` records the bytes each collective moves, by mesh axis and kind, for the planner's
+check (``neva.planner``): the payload a rank hands to the collective (the tensor reduced, the
+tensor gathered into, the rows sent), not the wire bytes of an algorithm.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 from typing import Any
+
+import contextlib
 
 import torch
 import torch.distributed as tdist
@@ -32,8 +46,11 @@ class Dist:
     None (no communication). The parallel plan fills it (``neva.parallel``); ``LOCAL`` is one process.
 
     ``sp``: sequence parallel over the tp group, for the parts named in ``sp_parts`` (their
-    activations outside TP regions are split along T). ``replicate``: parts the plan keeps whole on
-    every tp rank; they run with tp off. ``part(name)`` gives the Dist a top-level part runs with.
+    activations outside TP regions are split along T). ``cp``: context parallel, the sequence of
+    the parts in ``cp_parts`` split over the cp group (chunks i and 2cp-1-i). ``replicate``: parts
+    the plan keeps whole on every tp rank; they run with tp off. ``frame_parts``: parts that run on
+    a share of the media (frame-parallel over the cp x tp ranks, which hold the same samples).
+    ``part(name)`` gives the Dist a top-level part runs with.
     """
 
     tp: Group = None
@@ -48,19 +65,26 @@ class Dist:
     pp: Group = None
     pp_size: int = 1
     pp_rank: int = 0
+    cp: Group = None
+    cp_size: int = 1
+    cp_rank: int = 0
     sp: bool = False
     sp_parts: frozenset = field(default_factory=frozenset)
+    cp_parts: frozenset = field(default_factory=frozenset)
     replicate: frozenset = field(default_factory=frozenset)
+    frame_parts: frozenset = field(default_factory=frozenset)
     # dp x ep: the ranks that see different data and share every non-expert parameter
     data: Group = None
     data_size: int = 1
     data_rank: int = 0
-    mesh: Any = None          # the (pp, dp, ep, tp) DeviceMesh, for checkpoints (DTensor boundary)
+    mesh: Any = None          # the (pp, dp, ep, cp, tp) DeviceMesh, for checkpoints (DTensor boundary)
 
     def part(self, name: str) -> "Dist":
         """The Dist the top-level part ``name`` runs with: SP only if the plan runs it sequence
-        parallel, no TP if the plan replicates it."""
+        parallel, CP only if its sequence is split over cp, no TP if the plan replicates it."""
         d = self if (not self.sp or name in self.sp_parts) else replace(self, sp=False)
+        if d.cp is not None and name not in self.cp_parts:
+            d = replace(d, cp=None, cp_size=1, cp_rank=0)
         return replace(d, tp=None, tp_size=1, tp_rank=0, sp=False) if name in self.replicate else d
 
 
@@ -71,8 +95,41 @@ def _size(group: Group) -> int:
     return 1 if group is None else tdist.get_world_size(group)
 
 
+# ------------------------------------------------------------------------- counting the bytes
+_AXIS_OF: dict[int, str] = {}     # id(group) -> mesh axis name (``name_group``)
+_COUNTS: list[dict] = []          # open ``counting()`` records
+
+
+def name_group(group: Group, axis: str) -> None:
+    """Tell ``counting`` which mesh axis (or flattened axes, e.g. "data") a group is."""
+    if group is not None:
+        _AXIS_OF[id(group)] = axis
+
+
+def _count(group: Group, kind: str, x: Tensor) -> None:
+    if _COUNTS and group is not None:
+        key = (_AXIS_OF.get(id(group), "world"), kind)
+        n = x.numel() * x.element_size()
+        for c in _COUNTS:
+            c[key] = c.get(key, 0) + n
+
+
+@contextlib.contextmanager
+def counting():
+    """Record the payload bytes of every collective inside: yields {(axis, kind): bytes}, where kind
+    is all_reduce (the tensor reduced), all_gather (the gathered result), reduce_scatter (its
+    input), all_to_all (the rows this rank sends), send, broadcast."""
+    rec: dict = {}
+    _COUNTS.append(rec)
+    try:
+        yield rec
+    finally:
+        _COUNTS.remove(rec)
+
+
 def _all_reduce(x: Tensor, group: Group, op=tdist.ReduceOp.SUM) -> Tensor:
     x = x.contiguous().clone()
+    _count(group, "all_reduce", x)
     tdist.all_reduce(x, op=op, group=group)
     return x
 
@@ -81,8 +138,10 @@ def _all_gather(x: Tensor, dim: int, group: Group) -> Tensor:
     n = _size(group)
     x0 = x.movedim(dim, 0).contiguous()
     out = x0.new_empty((n * x0.shape[0],) + tuple(x0.shape[1:]))
+    _count(group, "all_gather", out)
     tdist.all_gather_single(out, x0, group=group)
-    return out.movedim(0, dim)
+    # contiguous once here: every linear that reads the gathered sequence then saves this one copy
+    return out.movedim(0, dim).contiguous()
 
 
 def _split(x: Tensor, dim: int, group: Group, rank) -> Tensor:
@@ -96,14 +155,17 @@ def _split(x: Tensor, dim: int, group: Group, rank) -> Tensor:
 
 
 def _reduce_scatter(x: Tensor, dim: int, group: Group, rank) -> Tensor:
+    _count(group, "reduce_scatter", x)
     if tdist.get_backend(group) == "nccl":
         n = _size(group)
         x0 = x.movedim(dim, 0).contiguous()
         out = x0.new_empty((x0.shape[0] // n,) + tuple(x0.shape[1:]))
         tdist.reduce_scatter_single(out, x0, group=group)
         return out.movedim(0, dim)
-    # gloo has no reduce-scatter: all-reduce, keep our chunk (same numbers, more bytes)
-    return _split(_all_reduce(x, group), dim, group, rank)
+    # gloo has no reduce-scatter: all-reduce, keep our chunk (same numbers, more bytes on the wire)
+    y = x.contiguous().clone()
+    tdist.all_reduce(y, group=group)
+    return _split(y, dim, group, rank)
 
 
 class _CopyToTP(torch.autograd.Function):
@@ -116,8 +178,8 @@ class _CopyToTP(torch.autograd.Function):
         ctx.group = inputs[1]
 
     @staticmethod
-    def backward(ctx, g):
-        return _all_reduce(g, ctx.group), None
+    def backward(ctx, g):                # the partner Function, so vmap of grad takes its vmap rule
+        return _ReduceFromTP.apply(g, ctx.group), None
 
     @staticmethod
     def vmap(info, in_dims, x, group):
@@ -131,11 +193,11 @@ class _ReduceFromTP(torch.autograd.Function):
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        pass
+        ctx.group = inputs[1]
 
     @staticmethod
     def backward(ctx, g):
-        return g, None
+        return _CopyToTP.apply(g, ctx.group), None
 
     @staticmethod
     def vmap(info, in_dims, x, group):
@@ -150,9 +212,10 @@ def _bdim_first(x: Tensor, bdim: int | None, dim: int) -> tuple[Tensor, int]:
     return x, (dim + 1 if dim >= 0 else dim)
 
 
-def _seq_function(name: str, fwd, bwd) -> type:
+def _seq_function(name: str, fwd) -> type:
     """An autograd Function moving activations along a sequence dim: ``fwd(x, dim, group, rank)`` in
-    the forward, ``bwd(g, dim, group, rank)`` in the backward; its vmap rule moves the vmapped dim first."""
+    the forward; its backward is its ``partner`` Function (``_pair``), so the backward has a vmap rule
+    too (vmap of grad); its vmap rule moves the vmapped dim first."""
 
     class Fn(torch.autograd.Function):
         @staticmethod
@@ -165,7 +228,7 @@ def _seq_function(name: str, fwd, bwd) -> type:
 
         @staticmethod
         def backward(ctx, g):
-            return bwd(g, ctx.dim, ctx.group, ctx.rank), None, None, None
+            return Fn.partner.apply(g, ctx.dim, ctx.group, ctx.rank), None, None, None
 
         @staticmethod
         def vmap(info, in_dims, x, dim, group, rank):
@@ -180,14 +243,23 @@ def _gather(x: Tensor, dim: int, group: Group, rank) -> Tensor:
     return _all_gather(x, dim, group)
 
 
-_GatherSeq = _seq_function("_GatherSeq", _gather, _reduce_scatter)
-_ReduceScatterSeq = _seq_function("_ReduceScatterSeq", _reduce_scatter, _gather)
-_ScatterSeq = _seq_function("_ScatterSeq", _split, _gather)
+def _pair(a: type, b: type) -> None:
+    a.partner, b.partner = b, a
+
+
+_GatherSeq = _seq_function("_GatherSeq", _gather)                 # all-gather / reduce-scatter
+_ReduceScatterSeq = _seq_function("_ReduceScatterSeq", _reduce_scatter)
+_ScatterSeq = _seq_function("_ScatterSeq", _split)                # take own chunk / all-gather
+# gather a replicated computation's shares: each rank's gradient of the whole is whole already
+_GatherShares = _seq_function("_GatherShares", _gather)
+_pair(_GatherSeq, _ReduceScatterSeq)
+_pair(_ScatterSeq, _GatherShares)
 
 
 def _all_to_all_rows(x: Tensor, send: tuple, recv: tuple, group: Group) -> Tensor:
     if all(isinstance(s, int) for s in send + recv):
         out = x.new_empty((sum(recv),) + tuple(x.shape[1:]))
+        _count(group, "all_to_all", x)
         tdist.all_to_all_single(out, x.contiguous(), list(recv), list(send), group=group)
         return out
     # a simulated world (LocalTensorMode): the splits are per-rank SymInts, which the uneven
@@ -270,6 +342,7 @@ def all_to_all_counts(counts: Tensor, group: Group) -> Tensor:
     if group is None:
         return counts
     out = torch.empty_like(counts)
+    _count(group, "all_to_all", counts)
     tdist.all_to_all_single(out, counts.contiguous(), group=group)
     return out
 
@@ -279,6 +352,7 @@ def all_reduce_(x: Tensor, group: Group, op: str = "sum") -> Tensor:
     if group is None:
         return x
     red = {"sum": tdist.ReduceOp.SUM, "max": tdist.ReduceOp.MAX, "avg": tdist.ReduceOp.SUM}[op]
+    _count(group, "all_reduce", x)
     tdist.all_reduce(x, op=red, group=group)
     if op == "avg":
         x.div_(_size(group))
@@ -292,9 +366,12 @@ def all_gather_nograd(x: Tensor, group: Group, dim: int = 0) -> Tensor:
 
 
 def broadcast_(x: Tensor, group: Group, src: int = 0) -> Tensor:
-    """In place, no autograd: ``x`` as global rank ``src`` holds it, on every rank of ``group``."""
-    if group is not None:
-        tdist.broadcast(x, src=src, group=group)
+    """In place, no autograd: ``x`` as the rank ``src`` of ``group`` (a group rank) holds it, on every
+    rank of ``group``."""
+    if group is None:
+        return x
+    _count(group, "broadcast", x)
+    tdist.broadcast(x, group=group, group_src=src)
     return x
 
 
@@ -303,6 +380,67 @@ def all_reduce_nograd(x: Tensor, group: Group, op: str = "sum") -> Tensor:
     if group is None:
         return x
     return all_reduce_(x.detach().clone(), group, op)
+
+
+# ------------------------------------------------------------------------ context parallel
+def cp_chunk(T: int, dist: Dist) -> int:
+    """Tokens per chunk of a sequence of ``T`` over ``dist.cp_size`` ranks (2 chunks each)."""
+    n = 2 * dist.cp_size
+    if T % n:
+        raise ValueError(f"context parallel: a sequence of {T} tokens does not cut into 2 x cp = {n} chunks "
+                         "(model.normalize_batch pads it; pad yours to a multiple of 2 x cp)")
+    return T // n
+
+
+def cp_local(x: Tensor, dist: Dist, dim: int = 1) -> Tensor:
+    """This cp rank's part of a whole sequence along ``dim``: chunks i and 2cp-1-i, in that order.
+    Not a collective: every cp rank holds the whole input (the gradient outside its chunks is zero
+    here and comes from the other ranks when gradients are summed over cp)."""
+    if dist.cp is None:
+        return x
+    c = cp_chunk(x.shape[dim], dist)
+    i = dist.cp_rank
+    return torch.cat([x.narrow(dim, i * c, c), x.narrow(dim, (2 * dist.cp_size - 1 - i) * c, c)], dim)
+
+
+def cp_slots(T: int, dist: Dist, device=None) -> Tensor:
+    """int[T / cp]: the positions in the whole sequence of this cp rank's tokens (``cp_local`` order)."""
+    return cp_local(torch.arange(T, device=device), dist, 0)
+
+
+def _sequence_order(x: Tensor, dim: int, n: int) -> Tensor:
+    """Chunks gathered in rank order (rank i: chunks i, 2n-1-i) -> chunks 0..2n-1 in sequence order."""
+    c = x.shape[dim] // (2 * n)
+    where = [2 * j if j < n else 2 * (2 * n - 1 - j) + 1 for j in range(2 * n)]
+    return torch.cat([x.narrow(dim, w * c, c) for w in where], dim)
+
+
+def gather_kv(x: Tensor, dist: Dist, dim: int = 2) -> Tensor:
+    """Keys or values of this cp rank's tokens -> the whole sequence's, in sequence order (all-gather
+    forward; reduce-scatter backward: every rank's queries send gradients to every rank's keys)."""
+    if dist.cp is None:
+        return x
+    return _sequence_order(_GatherSeq.apply(x, dim, dist.cp, dist.cp_rank), dim, dist.cp_size)
+
+
+# ------------------------------------------------------------------------- frame-parallel media
+def frame_share(n: int, dist: Dist) -> tuple[int, int]:
+    """(this rank's first media row, rows per rank) when ``n`` rows (padded to a multiple of cp x tp)
+    are shared by the ranks that hold the same samples; the share index is cp_rank x tp + tp_rank."""
+    g = dist.cp_size * dist.tp_size
+    per = -(-n // g)
+    return (dist.cp_rank * dist.tp_size + dist.tp_rank) * per, per
+
+
+def gather_frames(x: Tensor, dist: Dist) -> Tensor:
+    """Each rank's share of the media rows (``frame_share``) -> every row, on every rank. Over tp the
+    downstream computation is replicated (its gradient arrives whole on each tp rank: keep our
+    share); over cp each rank's gradient covers its own tokens only (reduce-scatter sums them)."""
+    if dist.tp is not None:
+        x = _GatherShares.apply(x, 0, dist.tp, dist.tp_rank)
+    if dist.cp is not None:
+        x = _GatherSeq.apply(x, 0, dist.cp, dist.cp_rank)
+    return x
 
 
 class P2P:
@@ -319,6 +457,7 @@ class P2P:
 
     def send(self, t: Tensor, to: int) -> None:
         t = t.detach().contiguous()
+        _count(self.dist.pp, "send", t)
         self.pending.append((tdist.isend(t, dst=to, group=self.dist.pp), t))
 
     def recv(self, shape: tuple, dtype: torch.dtype, frm: int, device=None) -> Tensor:

@@ -7,6 +7,7 @@ strings name parts in ``neva.registry`` (where an experiment registers its own).
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, replace
 
 from neva.registry import ENCODERS, FFNS, PROJECTORS
@@ -73,6 +74,8 @@ class ProjectorConfig:
 
     kind: str = "mlp2x_gelu"             # a registered projector: linear | mlp{N}x_gelu | mlp_downsample | identity
     bias: bool = True                    # linear layers with a bias
+    frame_pool: int = 1                  # average-pool each video frame's token grid by this stride after the
+                                         # projector (LLaVA-NeXT-Video's mm_spatial_pool_stride=2: 4x fewer tokens)
 
 
 @dataclass(frozen=True)
@@ -132,8 +135,21 @@ class ModelConfig:
 
     @property
     def tokens_per_image(self) -> int:
-        """Media tokens one image (or one video frame) becomes in the LLM sequence."""
+        """Media tokens one image becomes in the LLM sequence (a video frame too, unless pooled)."""
         return PROJECTORS[self.projector.kind].tokens(self.vision.tokens_out, self)
+
+    @property
+    def tokens_per_frame(self) -> int:
+        """Media tokens one video frame becomes: the projector's grid average-pooled by
+        ``projector.frame_pool`` (ceil: a last odd row and column of patches is pooled on its own)."""
+        n, s = self.tokens_per_image, self.projector.frame_pool
+        if s == 1:
+            return n
+        g = math.isqrt(n)
+        if g * g != n:
+            raise ValueError(f"model.projector.frame_pool={s} pools a square grid of tokens; the projector gives "
+                             f"{n} per image (a class token? use model.vision.select_feature=patch)")
+        return math.ceil(g / s) ** 2
 
     def validate(self) -> "ModelConfig":
         """Raise on a config that cannot build, naming the field and what would fit."""
@@ -147,7 +163,9 @@ class ModelConfig:
             _check_vit(t, f"model.vision.towers.{i}" if v.towers else "model.vision")
         if p.kind == "identity" and v.dim != l.dim:
             raise ValueError(f"projector identity needs vision dim == llm dim (got {v.dim} and {l.dim})")
-        _ = self.tokens_per_image                             # a projector that cannot take these tokens says so
+        if p.frame_pool < 1:
+            raise ValueError(f"model.projector.frame_pool={p.frame_pool} must be >= 1 (1 = no pooling)")
+        _ = self.tokens_per_image, self.tokens_per_frame      # a projector that cannot take these tokens says so
         if l.n_heads % l.n_kv_heads:
             raise ValueError(f"model.llm.n_heads={l.n_heads} is not a multiple of n_kv_heads={l.n_kv_heads}")
         if l.head_dim is None and l.dim % l.n_heads:
@@ -235,6 +253,10 @@ def llama31_8b() -> LLMConfig:
     return replace(llama3_8b(), rope_scaling=RopeScaling(), max_position=131072)
 
 
+def llama3_70b() -> LLMConfig:
+    return replace(llama3_8b(), dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, ffn_dim=28672)
+
+
 def dinov2_l14_reg_224() -> VisionConfig:
     """DINOv2 ViT-L/14 with 4 registers (facebook/dinov2-with-registers-large), position table at 518
     px resampled to 224 px images (16 x 16 patches): Prismatic's DINO tower."""
@@ -259,7 +281,8 @@ def nemotron4_15b() -> LLMConfig:
                      rotary_pct=0.5, max_position=4096, bos_id=2, eos_id=3)
 
 
-LLM_PRESETS = {"llama2": llama2_7b, "llama3": llama3_8b, "llama3.1": llama31_8b, "mistral": mistral_7b,
+LLM_PRESETS = {"llama2": llama2_7b, "llama3": llama3_8b, "llama3.1": llama31_8b, "llama3-70b": llama3_70b,
+               "mistral": mistral_7b,
                "mixtral": mixtral_8x7b, "nemotron": nemotron4_15b}
 VISION_PRESETS = {"clip": clip_vit_l14_336, "siglip": siglip_so400m_384, "dino": dinov2_l14_reg_224}
 

@@ -7,7 +7,9 @@ The run's resolved ``config.json`` is found next to the checkpoint (or given wit
 the checkpoint must hold exactly the tensors that config's model has (a mismatch is an error naming
 the missing, unexpected and misshapen leaves, never a half-random model). The output folder must be
 empty or new; ``--overwrite`` replaces the files export writes (config.json, the ``model*.safetensors``
-weights and their index, the tokenizer's files) and keeps everything else there.
+weights and their index, the tokenizer, processor, chat template and generation config) and keeps
+everything else there. The folder is complete (``neva/hf/folder.py``): ``AutoProcessor`` and its chat
+template prompt the model as training did, and vLLM / SGLang serve it.
 The checkpoint is read in one process (DCP reassembles every rank's slices); leaves it left out
 because they were frozen are rebuilt from the recorded base (HF folders or the init seed) and
 checked against its content hash; fp32 master weights are used where the run kept them (bf16_o2);
@@ -144,14 +146,15 @@ def export(ckpt_path: str | Path, out: str | Path, config: str | Path | None = N
     check_out(Path(out), overwrite)
     exp = X.load(config or find_config(ckpt_path))
     cfg, params = load_checkpoint_params(ckpt_path, exp)
-    hf.save(params, cfg, str(out))
-    tok_name = getattr(exp.data, "tokenizer", None) if exp.data is not None else None
-    if tok_name:
+    tok = None
+    if exp.data is not None and exp.data.tokenizer:
+        from neva.data import tokenizers
         try:
-            from neva.data import tokenizers
-            tokenizers.load(tok_name).save_pretrained(str(out))
-        except Exception as e:  # noqa: BLE001 - the weights are written; say why the tokenizer is not
-            print(f"note: tokenizer {tok_name!r} not written ({e}); copy it into {out} yourself")
+            tok = tokenizers.load(exp.data.tokenizer)
+        except Exception as e:  # noqa: BLE001 - the weights are still written; say why the rest is not
+            print(f"note: tokenizer {exp.data.tokenizer!r} could not be loaded ({e}): writing the weights and "
+                  f"config.json only; copy a tokenizer into {out} yourself")
+    hf.save(params, cfg, str(out), data=exp.data if tok is not None else None, tokenizer=tok)
     return Path(out)
 
 

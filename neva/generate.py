@@ -131,21 +131,26 @@ def _world(dist: Dist):
 @torch.no_grad()
 def generate(params: dict, cfg: ModelConfig, prompts: list[list[int]], pixel_values: Media | None = None,
              sampling: Sampling = Sampling(), tokenizer: Any = None, dist: Dist = LOCAL,
-             on_step: Callable[[Tensor], Any] | None = None) -> dict:
+             video_frames: Tensor | None = None,
+             on_token: Callable[[Tensor, Tensor], Any] | None = None) -> dict:
     """Continue each prompt (token ids, image tokens expanded; ``pixel_values`` float[N, 3, H, W] for
-    all images and video frames of all prompts in order, per tower for kind=fused). -> {"tokens": [[new ids] per prompt],
+    all images and video frames of all prompts in order, per tower for kind=fused; ``video_frames``
+    bool[N] marks the frames, which matters when the projector pools them). -> {"tokens": [[new ids] per prompt],
     "text": [decoded new text] (with a tokenizer, cut at a stop string), "finish": ["eos" | "stop" |
-    "length"]}. Stop strings need ``tokenizer`` (anything with ``decode(ids)``).
+    "length"]}. Stop strings need ``tokenizer`` (anything with ``decode(ids)``). ``video_frames``
+    bool[N] marks which of ``pixel_values`` are video frames (it matters when the projector pools them).
 
-    ``on_step(tokens int[B])`` is called with each step's tokens as they are chosen (pad for rows
-    that have finished): for streaming, and for timing the first token apart from the rest.
-    Under a plan, every rank calls it at once with the same arguments and ``params`` its shard."""
+    ``on_token(tok int[B], done bool[B])`` is called after every step with the step's tokens (pad for
+    rows that had finished) and which rows are done now (a row's EOS arrives with its row done): for
+    streaming, and for timing the first token apart from the rest. Under a plan, every rank calls
+    ``generate`` at once with the same arguments and ``params`` its shard."""
     s = sampling.validate()
     if s.stop_strings and tokenizer is None:
         raise ValueError("stop_strings need a tokenizer to decode the generated text")
-    if dist.pp is not None:
-        raise NotImplementedError("generation under pipeline parallelism is not wired: generate with "
-                                  "parallel.pp=1 (tp, ep and dp work), or gather the model (Parallel.gather) first")
+    if dist.pp is not None or dist.cp is not None:
+        raise NotImplementedError("generation under pipeline or context parallelism is not wired: generate with "
+                                  "parallel.pp=1 and parallel.cp=1 (tp, ep and dp work), or gather the model "
+                                  "(Parallel.gather) first")
     dist = replace(dist, sp=False)          # one token per row per step: no sequence to split
     world = _world(dist)
     lc = cfg.llm
@@ -158,7 +163,8 @@ def generate(params: dict, cfg: ModelConfig, prompts: list[list[int]], pixel_val
     dtype = params["llm"]["embed"]["w"].dtype
     cache = init_cache(cfg, B, S, dtype, dist)
     kv_valid = torch.cat([am.bool(), torch.ones(B, s.max_new_tokens, dtype=torch.bool)], 1)   # [B, S]
-    nb = model.normalize_batch(cfg, {"input_ids": ids, "attention_mask": am, "pixel_values": pixel_values})
+    nb = model.normalize_batch(cfg, {"input_ids": ids, "attention_mask": am, "pixel_values": pixel_values,
+                                     "video_frames": video_frames})
     pos = nb["position_ids"]
     rope = llm.rope_tables(lc, torch.cat([pos, pos[:, -1:] + torch.arange(1, s.max_new_tokens + 1)], 1), dtype)
     ctx = llm.context(lc, pos, dtype, k_valid_bs=am.bool(), cache=cache)
@@ -175,8 +181,6 @@ def generate(params: dict, cfg: ModelConfig, prompts: list[list[int]], pixel_val
         tok = comm.broadcast_(_next(logits, seen[:, :T + i], s, gen), world)
         tok = torch.where(done, pad, tok)
         out[:, i], seen[:, T + i] = tok, tok
-        if on_step is not None:
-            on_step(tok)
         for b, t in enumerate(tok.tolist()):
             if done[b]:
                 continue
@@ -184,6 +188,8 @@ def generate(params: dict, cfg: ModelConfig, prompts: list[list[int]], pixel_val
                 done[b], finish[b], lens[b] = True, "eos", i          # eos is not part of the answer
             elif s.stop_strings and any(st in tokenizer.decode(out[b, :i + 1].tolist()) for st in s.stop_strings):
                 done[b], finish[b], lens[b] = True, "stop", i + 1
+        if on_token is not None:
+            on_token(tok, done.clone())
         if bool(done.all()) or i + 1 == s.max_new_tokens:
             break
         x = llm.embed(params["llm"], tok[:, None], dist.part("llm"))
@@ -214,25 +220,26 @@ def _share(par, msg):
 
 def on_plan(par, params: dict, prompts: list[list[int]] | None = None, pixel_values: Media | None = None,
             sampling: Sampling = Sampling(), tokenizer: Any = None,
-            on_step: Callable[[Tensor], Any] | None = None) -> dict | None:
+            on_token: Callable[[Tensor, Tensor], Any] | None = None, video_frames: Tensor | None = None) -> dict | None:
     """``generate`` under the plan of ``par`` (a ``neva.parallel.runtime.Parallel``), called on every
     rank at once with ``params`` its shard (``par.shard(full)`` or ``par.localize(hf.load(...,
     shard=par.hf_slices))``): rank 0's prompts, pixel_values and sampling are broadcast (the other
     ranks' are ignored), every rank generates, and rank 0 gets generate's dict (None elsewhere). One
     process: ``generate``. ``tokenizer``: each rank's own (stop strings are checked on every rank).
-    ``on_step``: rank 0's streaming callback (``generate``'s)."""
+    ``on_token``: rank 0's streaming callback (``generate``'s)."""
     if par.single:
-        return generate(params, par.cfg, prompts, pixel_values, sampling, tokenizer, on_step=on_step)
-    msg = _share(par, ("generate", prompts, pixel_values, sampling))
+        return generate(params, par.cfg, prompts, pixel_values, sampling, tokenizer, on_token=on_token,
+                        video_frames=video_frames)
+    msg = _share(par, ("generate", prompts, pixel_values, sampling, video_frames))
     if msg == _STOP:
         raise RuntimeError("on_plan: rank 0 sent release() while this rank asked to generate; ranks > 0 "
                            "wait for rank 0's requests with follow()")
-    return _answer(par, params, msg, tokenizer, on_step if par.main else None)
+    return _answer(par, params, msg, tokenizer, on_token if par.main else None)
 
 
-def _answer(par, params: dict, msg: tuple, tokenizer: Any, on_step=None) -> dict | None:
-    _, prompts, pixel_values, sampling = msg
-    out = generate(params, par.cfg, prompts, pixel_values, sampling, tokenizer, par.dist, on_step)
+def _answer(par, params: dict, msg: tuple, tokenizer: Any, on_token=None) -> dict | None:
+    _, prompts, pixel_values, sampling, video_frames = msg
+    out = generate(params, par.cfg, prompts, pixel_values, sampling, tokenizer, par.dist, video_frames, on_token)
     return out if par.main else None
 
 

@@ -73,21 +73,28 @@ class Context:
 
 def context(cfg: LLMConfig, pos_bt: Tensor, dtype: torch.dtype, *, mask: bool = True,
             segments_bt: Tensor | None = None, k_valid_bs: Tensor | None = None, q_slots_t: Tensor | None = None,
-            valid_bt: Tensor | None = None, cache: dict | None = None, cache_pos: int = 0) -> Context:
+            valid_bt: Tensor | None = None, cache: dict | None = None, cache_pos: int = 0,
+            local_t: Tensor | None = None) -> Context:
     """The Context of a forward over positions ``pos`` int[B, T] (rotary tables in ``dtype``).
 
     ``mask=False``: plain causal attention, no mask built (SDPA's ``is_causal``). Otherwise a mask
     over S key slots (S = ``k_valid``'s width, else T): causal and windowed by slot, never across
     packed samples (``segments``), never to padding (``k_valid`` bool[B, S]); ``q_slots`` int[T] are
-    the queries' slots (default 0..T-1; generation: past the cache). ``valid``: MoE token mask."""
+    the queries' slots (default 0..T-1; generation: past the cache). ``valid``: MoE token mask.
+    ``local_t`` int[T_local] (context parallel): the slots this rank's tokens hold (``comm.cp_slots``);
+    rotary tables and queries are at those, keys span all T slots (every rank's keys are gathered)."""
     B, T = pos_bt.shape
+    q_seg = segments_bt
+    if local_t is not None:
+        pos_bt, q_slots_t = pos_bt[:, local_t], local_t
+        q_seg = None if segments_bt is None else segments_bt[:, local_t]
     rope = rope_tables(cfg, pos_bt, dtype)
     m = None
     if mask:
         S = T if k_valid_bs is None else k_valid_bs.shape[1]
         q = torch.arange(T, device=pos_bt.device) if q_slots_t is None else q_slots_t
-        m = make_mask(q.expand(B, T), torch.arange(S, device=pos_bt.device).expand(B, S), causal=True,
-                      window=cfg.sliding_window, q_seg=segments_bt, k_seg=segments_bt, k_valid=k_valid_bs)
+        m = make_mask(q.expand(B, q.shape[0]), torch.arange(S, device=pos_bt.device).expand(B, S), causal=True,
+                      window=cfg.sliding_window, q_seg=q_seg, k_seg=segments_bt, k_valid=k_valid_bs)
     return Context(rope=rope, mask=m, valid=valid_bt, cache=cache, cache_pos=cache_pos)
 
 

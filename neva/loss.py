@@ -29,16 +29,16 @@ class _VocabParallelCE(torch.autograd.Function):
     @staticmethod
     def forward(logits, target, start, group):
         logits = logits.float()
-        lmax = comm.all_reduce_nograd(logits.max(-1).values, group, "max")
-        z = logits - lmax[:, None]
+        lmax = comm.all_reduce_nograd(logits.max(-1, keepdim=True).values, group, "max")   # [M, 1]
+        z = logits - lmax
         e = z.exp()
-        sumexp = comm.all_reduce_nograd(e.sum(-1), group, "sum")
+        sumexp = comm.all_reduce_nograd(e.sum(-1, keepdim=True), group, "sum")
         local = target - start
         inside = (local >= 0) & (local < logits.shape[-1])
         idx = local.clamp(0, logits.shape[-1] - 1)
-        picked = z.gather(1, idx[:, None])[:, 0] * inside
+        picked = z[torch.arange(z.shape[0], device=z.device), idx] * inside
         picked = comm.all_reduce_nograd(picked, group, "sum")
-        return sumexp.log() - picked, e / sumexp[:, None], idx, inside
+        return sumexp.log().squeeze(-1) - picked, e / sumexp, idx, inside
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -50,16 +50,23 @@ class _VocabParallelCE(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g, *_):
         soft, idx, inside = ctx.saved_tensors
-        grad = soft.scatter_add(1, idx[:, None], -inside.to(soft.dtype)[:, None])
-        return (grad * g[:, None]).to(ctx.dtype), None, None, None
+        rows = torch.arange(soft.shape[0], device=soft.device)
+        grad = soft.index_put((rows, idx), -inside.to(soft.dtype), accumulate=True)
+        return (grad * g.unsqueeze(-1)).to(ctx.dtype), None, None, None
 
 
 def cross_entropy_sum(logits_mv: Tensor, target_m: Tensor, dist: Dist) -> Tensor:
-    """Sum over rows of CE(logits, target) in fp32; ``logits`` holds this rank's vocab slice."""
+    """Sum over rows of CE(logits, target) in fp32; ``logits`` holds this rank's vocab slice. Rows whose
+    target is IGNORE add 0 (as ``F.cross_entropy``'s ignore_index: per-example gradients run the head on
+    every row); zero rows give 0 (a cp rank whose chunks hold no label). Rows are picked by advanced
+    indexing rather than gather: the simulated world (LocalTensorMode) takes it when ranks hold
+    different row counts."""
+    keep = target_m != IGNORE
     if dist.tp is None:
-        return F.cross_entropy(logits_mv.float(), target_m, reduction="sum")
+        logp = F.log_softmax(logits_mv.float(), -1)
+        return -(logp[torch.arange(logp.shape[0], device=logp.device), target_m.clamp_min(0)] * keep).sum()
     start = dist.tp_rank * logits_mv.shape[-1]
-    return _VocabParallelCE.apply(logits_mv, target_m, start, dist.tp)[0].sum()
+    return (_VocabParallelCE.apply(logits_mv, target_m, start, dist.tp)[0] * keep).sum()
 
 
 def shift_labels(labels_bt: Tensor, segment_bt: Tensor | None = None) -> Tensor:
@@ -112,12 +119,14 @@ class LossTerms:
 
     def reduce(self, dist: Dist) -> "LossTerms":
         """Summed over the ranks that hold parts of a step (no autograd): pipeline stages (each its
-        layers' MoE terms, the last one the CE), tp ranks under SP (each its tokens' MoE terms), and
-        the data ranks."""
+        layers' MoE terms, the last one the CE), tp ranks under SP (each its tokens' MoE terms), cp
+        ranks (each the CE, label count and MoE terms of its chunks; a rank without a label adds 0),
+        and the data ranks."""
         v = torch.stack([self.ce, self.n_tokens, self.aux, self.z]).float()
         v = comm.all_reduce_nograd(v, dist.pp)
         if dist.sp:
             v = torch.cat([v[:2], comm.all_reduce_nograd(v[2:], dist.tp)])
+        v = comm.all_reduce_nograd(v, dist.cp)
         return LossTerms(*comm.all_reduce_nograd(v, dist.data).unbind())
 
     def means(self, cfg: LLMConfig, n_micro: int) -> dict[str, float]:

@@ -1,6 +1,7 @@
 """Projectors from vision features to LLM embeddings: linear, mlpNx_gelu (any N), mlp_downsample
 (NeMo / VILA: zero-pad an odd grid, concatenate each 2x2 block, LayerNorm, Linear, GELU, Linear) and
-identity, registered by those names in ``neva.registry.PROJECTORS``.
+identity, registered by those names in ``neva.registry.PROJECTORS``; and the pooling of video frames
+after any of them (``pool_frames``, ``model.projector.frame_pool``).
 
 Tensor parallel: linears pair up as column then row (the hidden dim on ``mlp``); an unpaired last
 linear is replicated. Each linear's collectives follow from its logical axes (``_axes``), the same
@@ -103,6 +104,21 @@ def downsample_tokens(n: int, cfg: ModelConfig) -> int:
         raise ValueError(f"mlp_downsample needs a square grid of patches, got {n} tokens per image: "
                          "use model.vision.select_feature=patch")
     return math.ceil(g / 2) ** 2
+
+
+# ------------------------------------------------------------------------------ frame pooling
+def pool_frames(x_npd: Tensor, stride: int) -> Tensor:
+    """[N, g*g, D] -> [N, ceil(g/stride)^2, D]: each frame's token grid average-pooled by ``stride``
+    (LLaVA-NeXT-Video's ``mm_spatial_pool_mode=average``; where the grid does not divide, the last
+    window averages the patches it holds, where LLaVA-NeXT-Video's floor drops them)."""
+    if stride == 1:
+        return x_npd
+    n, t, d = x_npd.shape
+    g = math.isqrt(t)
+    if g * g != t:
+        raise ValueError(f"frame pooling needs a square grid of tokens; got {t} per frame")
+    x = x_npd.transpose(1, 2).reshape(n, d, g, g)
+    return F.avg_pool2d(x, stride, stride, ceil_mode=True).flatten(2).transpose(1, 2)
 
 
 PROJECTORS.register("identity", Projector(lambda cfg: {}, lambda p, x, cfg, dist: x))

@@ -1,7 +1,9 @@
 """Hypothesis strategies shared by the sharding-equivalence tiers: a layout of 2-4 ranks (never one: a
 run compared with itself proves nothing), then a small config and batch that the layout fits (heads,
 kv heads, experts, vocab, mlp divisible; any sequence length); and the explicit cases where a
-sharding bug hides, which both tiers always run (``EXPLICIT``)."""
+sharding bug hides, which both tiers always run (``EXPLICIT``). ``cases(cp=True)`` draws
+context-parallel layouts (cp 2 or 4, with whatever else fits), a layout of the vision tower, and puts
+the first image of a row across a boundary of the cp chunks."""
 from dataclasses import dataclass
 
 import torch
@@ -24,6 +26,8 @@ class Case:
     n_micro: int = 1                # micro-batches per data rank
     uneven: bool = True             # label counts differ per data shard (real processes only: a simulated
                                     # world needs equal shapes per rank, and the loss gathers label rows)
+    image_start: int = 1            # where a row's first image starts (its k-th: + k * (tokens + 1))
+    vision: str = "tp"              # the vision tower's layout (neva.parallel.plan.Plan.towers)
 
     def batch(self) -> dict:
         g = torch.Generator().manual_seed(self.batch_seed)
@@ -43,7 +47,7 @@ class Case:
         for b in range(B):
             k = self.images_per_row[b % self.rows_per_shard]
             for j in range(k):
-                s = 1 + j * (per + 1)
+                s = self.image_start + j * (per + 1)
                 ids[b, s:s + per] = cfg.image_token_id
                 labels[b, s:s + per] = -100
             n_img += k
@@ -65,14 +69,16 @@ class Case:
 
 
 @st.composite
-def cases(draw, max_world: int = 4, pp: bool = False, fill: bool = False, uneven: bool = True) -> Case:
+def cases(draw, max_world: int = 4, pp: bool = False, fill: bool = False, uneven: bool = True,
+          cp: bool = False) -> Case:
     """``fill``: dp takes up the rest of ``max_world`` (a fixed-size process pool). ``uneven``: label
-    counts differ per data shard (needs real processes)."""
-    sizes = [(t, e, p, d) for t in (1, 2, 4) for e in (1, 2) for p in ((1, 2, 4) if pp else (1,)) for d in (1, 2, 4)
-             if 1 < t * e * p * d <= max_world and (not fill or t * e * p * d == max_world)]
-    tp, ep, ppn, dp = draw(st.sampled_from(sizes))
+    counts differ per data shard (needs real processes). ``cp``: a context-parallel layout (cp >= 2)."""
+    sizes = [(t, e, p, d, c) for t in (1, 2, 4) for e in (1, 2) for p in ((1, 2, 4) if pp else (1,))
+             for d in (1, 2, 4) for c in ((2, 4) if cp else (1,))
+             if 1 < t * e * p * d * c <= max_world and (not fill or t * e * p * d * c == max_world)]
+    tp, ep, ppn, dp, cpn = draw(st.sampled_from(sizes))
     sp = tp > 1 and draw(st.booleans())
-    layout = Layout(tp=tp, pp=ppn, ep=ep, dp=dp, sp=sp)
+    layout = Layout(tp=tp, pp=ppn, ep=ep, dp=dp, sp=sp, cp=cpn)
 
     kv = tp * draw(st.integers(1, 2))
     heads = kv * draw(st.sampled_from([1, 2]))
@@ -104,9 +110,18 @@ def cases(draw, max_world: int = 4, pp: bool = False, fill: bool = False, uneven
     images = tuple(draw(st.lists(st.integers(0, 2), min_size=rows, max_size=rows)))
     min_len = max(images) * (per + 1) + 3
     seq_len = draw(st.integers(min_len, min_len + 9))
+    start, vis = 1, "tp"
+    if cp:
+        vis = draw(st.sampled_from(["tp", "replicate", "frames"]))
+        m = 2 * cpn * (tp if sp else 1)                  # what model.normalize_batch pads T to
+        c = -(-seq_len // m) * m // (2 * cpn)            # tokens per cp chunk
+        b = draw(st.integers(1, 2 * cpn - 1))            # an image across the boundary of chunks b-1 and b
+        cand = b * c - draw(st.integers(1, max(1, per - 1)))
+        start = cand if 1 <= cand and cand + max(images) * (per + 1) + 2 <= seq_len else 1
     return Case(layout, cfg, draw(st.integers(0, 2**16)), rows, seq_len, images,
                 padded=draw(st.booleans()), packed=draw(st.booleans()),
-                n_micro=draw(st.sampled_from([m for m in (1, 2) if rows % m == 0])), uneven=uneven)
+                n_micro=draw(st.sampled_from([m for m in (1, 2) if rows % m == 0])), uneven=uneven,
+                image_start=start, vision=vis)
 
 
 def _explicit(layout: Layout, kind: str, seq_len: int, *, window=None, experts: int = 0, padded=False, packed=False,

@@ -358,3 +358,7 @@ def test_inspect_flags_a_template_that_differs_from_the_tokenizers_own(tmp_path,
         out = capsys.readouterr().out
         assert ("own chat template: same tokens" in out) == same, (template, tokenizer, out[-600:])
         assert ("DIFFERS" in out) != same
+    plain = tmp_path / "no_template"
+    legacy_sp().save_pretrained(str(plain))
+    assert inspect_cli.main([str(data), "--template", "mistral", "--tokenizer", str(plain)]) == 0
+    assert f"own chat template: not compared (tokenizer {plain} has no chat_template)" in capsys.readouterr().out

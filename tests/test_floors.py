@@ -18,6 +18,7 @@ FLOORS = [
     ("neva/generate.py", 3), ("neva/parallel/", 3), ("neva/hf/", 3),
     ("neva/train/", 4),
     ("neva/export.py", 5), ("neva/experiment.py", 5), ("neva/cli.py", 5), ("neva/testing/", 5),
+    ("neva/serve/", 5), ("neva/planner.py", 5), ("neva/plan/", 5),
 ]
 
 

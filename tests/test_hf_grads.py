@@ -22,7 +22,9 @@ from neva.params import flatten
 
 transformers = pytest.importorskip("transformers")
 transformers.logging.set_verbosity_error()
-from test_hf_llava import TEXT, VISION, randomize  # noqa: E402
+from test_hf_llava import batch_for, make_clip_llama, make_siglip_mixtral, randomize  # noqa: E402
+
+MAKERS = {"siglip_mixtral": make_siglip_mixtral, "clip_llama": make_clip_llama}
 
 RTOL = 2e-6      # measured: at most 7e-7
 TOL = 1e-6       # logits, as tests/test_hf_parity.py
@@ -40,43 +42,10 @@ class _Grads:
 
 
 def make(kind: str, kv: int, folder) -> tuple:
-    text = dict(TEXT, num_key_value_heads=kv)
-    if kind == "siglip_mixtral":
-        cfg = transformers.LlavaConfig(
-            vision_config=transformers.SiglipVisionConfig(**VISION),
-            text_config=transformers.MixtralConfig(**text, num_local_experts=4, num_experts_per_tok=2),
-            image_token_index=300, vision_feature_select_strategy="full", vision_feature_layer=-2)
-    else:
-        cfg = transformers.LlavaConfig(
-            vision_config=transformers.CLIPVisionConfig(**VISION),
-            text_config=transformers.LlamaConfig(**text, tie_word_embeddings=True),
-            image_token_index=301, vision_feature_select_strategy="default", vision_feature_layer=-2)
     torch.manual_seed(kv)
-    hf = randomize(transformers.LlavaForConditionalGeneration(cfg), seed=30 + kv, scale=0.1)
+    hf = randomize(MAKERS[kind](num_key_value_heads=kv), seed=30 + kv, scale=0.1)
     hf.save_pretrained(folder)
     return hf, *neva.hf.load(str(folder))
-
-
-def batch(cfg, left: bool) -> dict:
-    """Row 0: text, image, text, image, text (all real). Row 1: text only, 7 padding tokens on the right
-    or on the left; labels on the text after the first 3 tokens of each row."""
-    g = torch.Generator().manual_seed(7)
-    P = cfg.tokens_per_image
-    T = 2 * P + 12
-    ids = torch.randint(0, 299, (2, T), generator=g)
-    ids[0, 2:2 + P] = cfg.image_token_id
-    ids[0, 6 + P:6 + 2 * P] = cfg.image_token_id
-    am = torch.ones_like(ids)
-    if left:
-        am[1, :7] = 0
-    else:
-        am[1, T - 7:] = 0
-    labels = ids.masked_fill((ids == cfg.image_token_id) | (am == 0), -100)
-    labels[0, :3] = -100
-    labels[1, (7 if left else 0):(10 if left else 3)] = -100
-    pos = (am.cumsum(-1) - 1).clamp_min(0)
-    return {"input_ids": ids, "attention_mask": am, "labels": labels, "position_ids": pos,
-            "pixel_values": torch.randn(2, 3, cfg.vision.image_size, cfg.vision.image_size, generator=g)}
 
 
 def hf_loss(hf, cfg, b, aux_coef: float):
@@ -123,7 +92,7 @@ def test_every_hf_grad_equals_func_grad_of_neva_loss(llavas, kind, kv, aux, left
     hf, cfg, params = llavas(kind, kv)
     if cfg.llm.n_experts:
         cfg = dataclasses.replace(cfg, llm=dataclasses.replace(cfg.llm, aux_loss_coef=aux, z_loss_coef=0.0))
-    b = batch(cfg, left)
+    b = batch_for(cfg, with_labels=True, left=left)
     hf.zero_grad(set_to_none=True)
     ref_loss, ref_logits = hf_loss(hf, cfg, b, aux)                  # eval mode: no dropout, no router jitter
     ref_loss.backward()

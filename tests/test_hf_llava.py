@@ -32,17 +32,18 @@ def randomize(model, seed: int, scale: float = 0.05):
     return model.eval()
 
 
-def make_siglip_mixtral():
+def make_siglip_mixtral(**text):
+    """``text``: overrides of TEXT (e.g. num_key_value_heads)."""
     return transformers.LlavaForConditionalGeneration(transformers.LlavaConfig(
         vision_config=transformers.SiglipVisionConfig(**VISION),
-        text_config=transformers.MixtralConfig(**TEXT, num_local_experts=4, num_experts_per_tok=2),
+        text_config=transformers.MixtralConfig(**{**TEXT, **text}, num_local_experts=4, num_experts_per_tok=2),
         image_token_index=300, vision_feature_select_strategy="full", vision_feature_layer=-2))
 
 
-def make_clip_llama():
+def make_clip_llama(**text):
     return transformers.LlavaForConditionalGeneration(transformers.LlavaConfig(
         vision_config=transformers.CLIPVisionConfig(**VISION),
-        text_config=transformers.LlamaConfig(**TEXT, tie_word_embeddings=True),
+        text_config=transformers.LlamaConfig(**{**TEXT, **text}, tie_word_embeddings=True),
         image_token_index=301, vision_feature_select_strategy="default", vision_feature_layer=-2))
 
 
@@ -59,8 +60,10 @@ def llavas(tmp_path_factory):
     return out
 
 
-def batch_for(cfg, with_labels: bool = False) -> dict:
-    """Sample 0: text, image, text, image, text. Sample 1: text only, right-padded."""
+def batch_for(cfg, with_labels: bool = False, left: bool = False) -> dict:
+    """Sample 0: text, image, text, image, text. Sample 1: text only, 7 padding tokens on the right,
+    or with ``left`` on the left (then with position_ids counted from the first real token, as
+    generation does). Labels: the text after the first 3 real tokens of each row."""
     g = torch.Generator().manual_seed(5)
     P = cfg.tokens_per_image
     T = 2 * P + 10
@@ -68,12 +71,18 @@ def batch_for(cfg, with_labels: bool = False) -> dict:
     ids[0, 2:2 + P] = cfg.image_token_id
     ids[0, 6 + P:6 + 2 * P] = cfg.image_token_id
     am = torch.ones_like(ids)
-    am[1, T - 7:] = 0
+    if left:
+        am[1, :7] = 0
+    else:
+        am[1, T - 7:] = 0
     b = {"input_ids": ids, "attention_mask": am,
          "pixel_values": torch.randn(2, 3, cfg.vision.image_size, cfg.vision.image_size, generator=g)}
+    if left:
+        b["position_ids"] = (am.cumsum(-1) - 1).clamp_min(0)
     if with_labels:
         labels = ids.masked_fill((ids == cfg.image_token_id) | (am == 0), -100)
-        labels[:, :3] = -100
+        labels[0, :3] = -100
+        labels[1, (7 if left else 0):(10 if left else 3)] = -100
         b["labels"] = labels
     return b
 

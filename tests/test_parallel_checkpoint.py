@@ -3,6 +3,8 @@ without a process group), the following three steps (on batches none of the firs
 uninterrupted run's losses, also along one axis (tp2 -> tp4, pp2 -> pp4, ep2 -> pp2 x tp2); an export
 holds exactly the params of the run that wrote the checkpoint; a corrupt shard is an error naming it,
 and train.resume=auto falls back to the newest intact checkpoint."""
+import functools
+
 import pytest
 
 from neva import model
@@ -40,8 +42,8 @@ def uninterrupted(run_data, tmp_path_factory):
 def saved_tp2pp2(gloo_pool, run_data, tmp_path_factory):
     cfg, params, batches = run_data
     d = tmp_path_factory.mktemp("tp2pp2")
-    first, gathered = gloo_pool.run(train_segment, Layout(tp=2, pp=2), cfg, params, batches, 0, N, str(d), 2, 1e-3,
-                                    False, True)[0]
+    first, gathered = gloo_pool.run(functools.partial(train_segment, with_params=True), Layout(tp=2, pp=2), cfg, params,
+                                    batches, 0, N, str(d))[0]
     return d, first, gathered
 
 
@@ -255,3 +257,18 @@ def test_frozen_base_is_left_out_and_checked(tmp_path):
         ckpt.load(path, S.init_state(other, setup), frozen=changed)
     with pytest.raises(ckpt.CheckpointError, match="stores only the trained leaves"):
         ckpt.load(path, S.init_state(params(cfg), setup), frozen=None)
+
+
+def test_cp_checkpoints_load_under_other_layouts_and_back(gloo_pool, gloo_pool2, run_data, uninterrupted, tmp_path):
+    """Written under cp2 x tp2, resumed in one process; written in one process, resumed under cp2
+    (2 processes); written there, resumed under cp2 x pp2: every segment continues the same run."""
+    cfg, params, batches = run_data
+    a, b = tmp_path / "a", tmp_path / "b"
+    first = gloo_pool.run(train_segment, Layout(cp=2, tp=2), cfg, params, batches, 0, N, str(a))[0]
+    assert ckpt.check_complete(ckpt.latest(a))["layout"] == "cp2xtp2"
+    assert first == pytest.approx(uninterrupted[:N], rel=1e-5)
+    assert train_segment(None, None, cfg, params, batches, N, 2 * N, str(a)) == pytest.approx(uninterrupted[N:], rel=1e-5)
+    train_segment(None, None, cfg, params, batches, 0, 1, str(b))
+    mid = gloo_pool2.run(train_segment, Layout(cp=2), cfg, params, batches, 1, N, str(b))[0]
+    rest = gloo_pool.run(train_segment, Layout(cp=2, pp=2), cfg, params, batches, N, 2 * N, str(b))[0]
+    assert mid + rest == pytest.approx(uninterrupted[1:], rel=1e-5)

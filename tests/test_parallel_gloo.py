@@ -2,17 +2,19 @@
 and random plans that fill the world (tp, sp, ep, pp, dp), including pipelines (1F1B, GPipe) and
 torch.func gradients through the collectives: the real training step's statistics and every gradient
 equal the same step's in one process over the same micro-batches."""
+import functools
+
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from neva import model
-from neva.config import ModelConfig, tiny_llm, tiny_vision
+from neva.config import ModelConfig, ProjectorConfig, tiny_llm, tiny_vision
 from neva.params import flatten
 from neva.parallel.plan import Layout
 from neva.testing import check_step, max_rel_err
-from neva.testing.checks import all_to_all_vmap_check, same_stats
+from neva.testing.checks import all_to_all_vmap_check, gather_kv_vmap_check, same_stats
 from neva.testing.runs import train_losses
 from parallel_cases import EXPLICIT, cases
 
@@ -98,8 +100,7 @@ def test_training_steps_match_single_process(gloo_pool, layout, grad_accum):
     batches = [_batch(seed=s) for s in range(5)]
     kw = dict(grad_accum=grad_accum, lr=1e-3, clip=0.05, freeze=r"attn/wk/b$")
     ref = train_losses(None, layout, cfg, params, batches, **kw)
-    got = gloo_pool.run(train_losses, layout, cfg, params, batches, kw["grad_accum"], kw["lr"], kw["clip"], "fp32", "",
-                        False, kw["freeze"], True)[0]
+    got = gloo_pool.run(functools.partial(train_losses, **kw, replicas=True), layout, cfg, params, batches)[0]
     assert got["losses"] == pytest.approx(ref["losses"], rel=1e-5)
     assert got["grad_norms"] == pytest.approx(ref["grad_norms"], rel=1e-5)
     assert min(ref["grad_norms"]) > 2 * kw["clip"]                         # the clip scaled every step
@@ -209,3 +210,71 @@ def test_remat_under_tp2_pp2(gloo_pool, method, n):
 def test_vmap_rule_of_all_to_all(gloo_pool):
     """Per-example all-to-all (vmap, and vmap of grad) on 4 gloo ranks equals a loop over examples."""
     assert max(gloo_pool.run(all_to_all_vmap_check)) < 1e-6
+
+
+# ------------------------------------------------------------------------- context parallelism
+@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(case=cases(max_world=4, pp=True, fill=True, cp=True), data=st.data())
+def test_context_parallel_step_equals_single_process(gloo_pool, case, data):
+    """cp with tp / sp / ep / pp / dp on real processes, torch.func gradients through the K/V
+    exchange included, an image across a chunk boundary, each vision tower layout."""
+    lay = case.layout
+    grad_mode = "autograd" if lay.pp > 1 else data.draw(st.sampled_from(["autograd", "func"]), label="grad_mode")
+    n_micro = data.draw(st.sampled_from([m for m in (1, 2) if case.rows_per_shard % m == 0]), label="n_micro")
+    params = model.init_params(case.cfg, case.batch_seed)
+    _check(gloo_pool.run(check_step, case.cfg, lay, params, case.batch(), n_micro, "1f1b", grad_mode, case.vision)[0])
+
+
+def _long_video_cfg():
+    """The long-video experiment's shape in small: 16-token frames pooled 2x2 to 4, many per sample."""
+    return ModelConfig(vision=tiny_vision("siglip", image_size=16, patch_size=4, dim=32, n_heads=4, mlp_dim=64, n_layers=2),
+                       projector=ProjectorConfig("mlp2x_gelu", frame_pool=2),
+                       llm=tiny_llm("mixtral", dim=32, n_heads=4, n_kv_heads=2, ffn_dim=64, vocab_size=64,
+                                    n_layers=4, n_experts=4, z_loss_coef=1e-3), image_token_id=63)
+
+
+def _long_video_batch(B=2, frames=12, T=72):
+    """Each row: a video of ``frames`` pooled frames (4 tokens each) from position 3, then a
+    question; row 1 also has an image (16 tokens), so images and frames mix in one batch."""
+    cfg, g = _long_video_cfg(), torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 60, (B, T), generator=g)
+    ids[:, 3:3 + 4 * frames] = 63
+    ids[1, 3 + 4 * frames + 1:3 + 4 * frames + 17] = 63
+    flags = torch.tensor([True] * frames + [True] * frames + [False])
+    labels = ids.masked_fill(ids == 63, -100)
+    labels[:, :3 + 4 * frames] = -100
+    return dict(input_ids=ids, labels=labels, video_frames=flags,
+                pixel_values=torch.randn(len(flags), 3, cfg.vision.image_size, cfg.vision.image_size, generator=g))
+
+
+@pytest.mark.parametrize("layout,vision,n_micro", [
+    (Layout(cp=2, dp=2), "tp", 1), (Layout(cp=2, tp=2), "tp", 2), (Layout(cp=2, pp=2), "tp", 2),
+    (Layout(cp=2, tp=2, sp=True), "frames", 1)], ids=lambda v: str(v))
+@pytest.mark.parametrize("which", ["main", "long_video"])
+def test_named_cp_layouts(gloo_pool, layout, vision, n_micro, which):
+    """cp2, cp2 x tp2 and cp2 x pp2 on the main job's model and on a long-video config (pooled
+    frames, a frame-parallel vision tower)."""
+    cfg, batch = (_main_like_cfg(), _batch()) if which == "main" else (_long_video_cfg(), _long_video_batch())
+    if which == "long_video" and layout.dp > 1:
+        batch = {k: torch.cat([v, v]) for k, v in batch.items()}
+    res = gloo_pool.run(check_step, cfg, layout, model.init_params(cfg, 1), batch, n_micro, "1f1b", "autograd", vision)[0]
+    _check(res)
+
+
+def test_vmap_rule_of_gather_kv(gloo_pool):
+    """Per-example K/V exchange (vmap, and vmap of grad) on 4 cp ranks equals a loop over examples."""
+    assert max(gloo_pool.run(gather_kv_vmap_check)) < 1e-6
+
+
+@pytest.mark.parametrize("layout", [Layout(cp=2, tp=2), Layout(cp=2, dp=2)], ids=str)
+def test_cp_training_steps_match_single_process(gloo_pool, layout):
+    """The real training step under cp (AdamW, clipping by the global norm): losses, gradient norms
+    and final params equal the single-process run's."""
+    cfg = _main_like_cfg()
+    params = model.init_params(cfg, 1)
+    batches = [_batch() for _ in range(3)]
+    ref = train_losses(None, layout, cfg, params, batches, 1)
+    got = gloo_pool.run(train_losses, layout, cfg, params, batches, 1)[0]
+    assert got["losses"] == pytest.approx(ref["losses"], rel=1e-5)
+    assert got["grad_norms"] == pytest.approx(ref["grad_norms"], rel=1e-5)
+    assert max_rel_err(ref["params"], got["params"]) < 2e-3

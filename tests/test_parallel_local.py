@@ -99,3 +99,60 @@ def test_vmap_rule_of_tp_collectives():
             return comm.reduce_from_tp(comm.copy_to_tp(x, d) * wt, d).sum()
         per_ex = torch.func.vmap(torch.func.grad(f), in_dims=(None, 0))(wgt, xs)
         assert torch.allclose(value_on(per_ex, 1), xs)
+
+
+# ------------------------------------------------------------------------- context parallelism
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(case=cases(max_world=4, cp=True), data=st.data())
+def test_context_parallel_step_equals_single_process(case, data):
+    """cp 2 or 4, alone or with tp / sp / ep / dp, packed or padded rows, windows, an image across a
+    chunk boundary, the vision tower tp-sharded, replicated or frame-parallel: the step is exact."""
+    cfg, batch, lay = case.cfg, case.batch(), case.layout
+    n_micro = data.draw(st.sampled_from([m for m in (1, 2) if case.rows_per_shard % m == 0]), label="n_micro")
+    params = model.init_params(cfg, case.batch_seed)
+    ref_stats, g_ref = reference_grads(params, cfg, batch, lay.dp * lay.ep * n_micro)
+    with local_world(cfg, lay, vision=case.vision) as (par, mode):
+        stats, grads = sharded_grads(par, params, cfg, batch, n_micro, mode=mode)
+        full = gather(par, grads, mode)
+    assert not same_stats(stats, ref_stats, RTOL)
+    assert max_rel_err(g_ref, full) < RTOL
+
+
+@pytest.mark.parametrize("cp", [2, 4])
+def test_cp_chunks_and_kv_exchange(cp):
+    """Rank i holds chunks i and 2cp-1-i; gather_kv returns every rank's rows in sequence order, and
+    its backward sums every rank's gradient for a rank's own rows (reduce-scatter)."""
+    cfg = ModelConfig(vision=tiny_vision(), llm=tiny_llm(n_kv_heads=4), image_token_id=255)
+    with local_world(cfg, Layout(cp=cp)) as (par, mode):
+        d = par.dist
+        T = 2 * cp * 3
+        seq = torch.arange(float(T)).reshape(1, 1, T, 1)
+        for r in range(cp):
+            want = [r, 2 * cp - 1 - r]
+            assert value_on(comm.cp_slots(T, d), r).tolist() == [c * 3 + k for c in want for k in range(3)]
+        mine = comm.cp_local(seq, d, 2).detach().requires_grad_()
+        whole = comm.gather_kv(mine, d, 2)
+        assert all(torch.equal(value_on(whole, r), seq) for r in range(cp))
+        (whole * mode.rank_map(lambda r: torch.full((1, 1, T, 1), r + 1.0))).sum().backward()
+        assert torch.equal(value_on(mine.grad, 0), torch.full((1, 1, T // cp, 1), float(sum(range(1, cp + 1)))))
+
+
+def test_a_cp_rank_without_labels_adds_zero_not_nan():
+    """Labels only in the first chunk: the other cp rank's CE and label count are 0 (not NaN), and
+    the step still equals one process's."""
+    cfg = ModelConfig(vision=tiny_vision(), llm=tiny_llm("llama3", n_kv_heads=4), image_token_id=255)
+    params = model.init_params(cfg, 7)
+    ids = torch.randint(0, 250, (2, 16), generator=torch.Generator().manual_seed(0))
+    labels = torch.full_like(ids, -100)
+    labels[:, 1:4] = ids[:, 1:4]                       # targets at positions 0..2: chunk 0 of 4 (rank 0)
+    batch = {"input_ids": ids, "labels": labels}
+    ref_stats, g_ref = reference_grads(params, cfg, batch, 1)
+    with local_world(cfg, Layout(cp=2)) as (par, mode):
+        per_rank = {k: mode.rank_map(lambda r, v=v: v) for k, v in batch.items()}   # sliced per rank
+        t = model.loss_terms(par.shard(params), cfg, per_rank, par.dist)
+        assert float(value_on(t.n_tokens, 1)) == 0 and float(value_on(t.ce, 1)) == 0
+        assert float(value_on(t.n_tokens, 0)) == 6
+        stats, grads = sharded_grads(par, params, cfg, batch, 1, mode=mode)
+        full = gather(par, grads, mode)
+    assert not same_stats(stats, ref_stats, RTOL)
+    assert max_rel_err(g_ref, full) < RTOL

@@ -22,7 +22,7 @@ PRESETS = {
     "siglip_nemotron": ModelConfig(vision=siglip_so400m_384(), projector=ProjectorConfig("mlp_downsample"),
                                    llm=nemotron4_15b(), image_token_id=255999),
 }
-LAYOUTS = {"siglip_mixtral": [Layout(tp=4, pp=2, ep=2, sp=True), Layout(tp=8, sp=True)],
+LAYOUTS = {"siglip_mixtral": [Layout(tp=4, pp=2, ep=2, sp=True), Layout(tp=8, sp=True), Layout(tp=4, cp=4, sp=True)],
            "clip_llama2": [Layout(tp=2, pp=2, dp=2)],
            "siglip_nemotron": [Layout(tp=8, pp=4, sp=True)]}
 
@@ -36,7 +36,7 @@ def tiny_cfg(**llm_kw):
 @pytest.mark.parametrize("name,layout", [(n, l) for n, ls in LAYOUTS.items() for l in ls], ids=str)
 def test_golden_placements(name, layout):
     cfg = PRESETS[name]
-    plan = Plan(layout)
+    plan = Plan(layout, towers=Plan.vision_rows("frames" if layout.cp > 1 else "tp"))
     specs = model.specs(cfg)
     plan.validate(cfg, specs)
     text = plan.describe(cfg, specs)
@@ -150,3 +150,29 @@ def test_summary_mentions_every_axis():
     text = Plan(Layout(tp=2, pp=2, ep=2, dp=1, sp=True)).summary(cfg, model.specs(cfg))
     for needle in ["stage 0", "stage 1", "all-gather(seq)", "all-to-all", "send/recv", "MiB per rank"]:
         assert needle in text
+
+
+def test_cp_layouts_and_tower_rows():
+    """cp is a mesh axis between ep and tp; every leaf's gradient sums over it; a tower's layout
+    replicates (or frame-shares) the encoder and projector, whose gradients then sum over tp."""
+    cfg = tiny_cfg()
+    specs = model.specs(cfg)
+    lay = Layout.fit(16, tp=2, cp=2, ep=2)
+    assert (lay.dp, str(lay)) == (2, "dp2xep2xcp2xtp2")
+    assert lay.coords(lay.rank({"dp": 1, "cp": 1, "tp": 1})) == {"pp": 0, "dp": 1, "ep": 0, "cp": 1, "tp": 1}
+    assert lay.rank({"cp": 1}) == 2                                  # tp fastest, then cp
+    frames = Plan(lay, towers=Plan.vision_rows("frames"))
+    pl, sums = frames.placements(specs), frames.grad_sums(specs)
+    assert pl["vision/layers/0/attn/wq/w"] == (None, None) and pl["llm/layers/0/attn/wq/w"] == ("tp", None)
+    assert sums["vision/layers/0/attn/wq/w"] == ("data", "cp", "tp")   # each rank encoded a share
+    assert sums["llm/layers/0/attn/wq/w"] == ("data", "cp")
+    assert sums["llm/layers/0/mlp/w1"] == ("dp", "cp")
+    rep = Plan(lay, towers=Plan.vision_rows("replicate")).grad_sums(specs)
+    assert rep["vision/layers/0/attn/wq/w"] == ("data", "cp")           # replicated: every rank saw every frame
+    assert frames.frame_parts(specs) == {"vision", "projector"}
+    with pytest.raises(ValueError, match="parallel.vision='pixels'"):
+        Plan.vision_rows("pixels")
+    with pytest.raises(ValueError, match="frame-parallel projector needs a frame-parallel vision"):
+        Plan(lay, towers=((r"^projector/", "frames"),)).validate(cfg, specs)
+    with pytest.raises(ValueError, match="not divisible by tp\\*pp\\*ep\\*cp"):
+        Layout.fit(6, tp=2, cp=2)

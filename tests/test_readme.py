@@ -1,7 +1,8 @@
 """Every code block of README.md runs as written, in order, in one empty folder: python blocks are
 executed; each shell command runs through the entry point it names (``experiments/siglip_mixtral.py``
--> the job's ``main``, ``python -m neva.X`` -> that module's ``main``), with TINY overrides appended
-to the main job (a shrunk model, 2 steps) and the job's dataset shrunk (the ``job`` fixture). A command
+-> the job's ``main``, ``experiments/long_video.py`` -> its ``main``, ``python -m neva.X`` -> that
+module's ``main``), with TINY overrides appended to the jobs (a shrunk model, 2 steps) and their
+datasets shrunk (the ``job`` fixture; 12 needle clips). A command
 that cannot run here is in NOT_RUN with the reason, and is still checked as far as it can be: its keys
 and values parse, and under torchrun its layout fits the model at its world size."""
 from __future__ import annotations
@@ -25,10 +26,13 @@ NOT_RUN = {                                 # pattern of a command -> why it doe
     r"-m pytest": "the test suite itself",
     r"--recipe llava": "needs real HF folders (tests/test_train_main_job.py runs the recipe on tiny ones)",
     r"torchrun": "many processes (tests/test_train_main_job.py runs the main job under torchrun)",
+    r"-m neva\.serve": "a server runs until stopped (tests/test_serve.py starts one and talks to it)",
+    r"vllm serve|sglang": "vLLM and SGLang are not installed here",
     r"fused_dino_siglip\.py": "the fused job's towers do not shrink with TINY (tests/test_dino_fused.py trains, "
                               "shards and resumes the fused model)",
 }
-MODULES = ("neva.data.inspect", "neva.export")     # python -m entry points that run
+MODULES = ("neva.data.inspect", "neva.export", "neva.plan")     # python -m entry points that run
+JOBS = ("siglip_mixtral.py", "long_video.py")       # experiments that run shrunk (the long video's clips too)
 
 
 def blocks(text: str) -> list[tuple[str, str, int]]:
@@ -69,41 +73,51 @@ def check_without_running(job, cmd: list[str]) -> None:
     """The command's overrides parse (and its plan fits its world size under torchrun)."""
     from neva import model
     from neva.parallel.plan import Layout, Plan
-    script = next(i for i, w in enumerate(cmd) if w.endswith("siglip_mixtral.py"))
+    script = next(i for i, w in enumerate(cmd) if w.endswith(JOBS))
     world = 1
     if "torchrun" in cmd[0]:
         opt = dict(zip(cmd[1:script], cmd[2:script]))
         world = int(opt.get("--nproc_per_node", 1)) * int(opt.get("--nnodes", 1))
     recipe, args = job.split_recipe(cmd[script + 1:])
-    exp = job.X.parse(args, job.base(), world_size=world)
+    base = importlib.import_module("long_video").base() if cmd[script].endswith("long_video.py") else job.base()
+    exp = job.X.parse(args, base, world_size=world)
     if recipe == "llava":
         exp = job.X.validate(job.llava_recipe(exp), world)
     pc = exp.parallel
-    Plan(Layout.fit(world, pc.tp, pc.pp, pc.ep, pc.sp)).validate(exp.model, model.specs(exp.model), world)
+    Plan(Layout.fit(world, pc.tp, pc.pp, pc.ep, pc.sp, pc.cp), towers=Plan.vision_rows(pc.vision)).validate(
+        exp.model, model.specs(exp.model), world)
 
 
 def run_command(job, cmd: list[str]) -> None:
     text = " ".join(cmd)
     skip = [p for p in NOT_RUN if re.search(p, text)]
     if skip:
-        if any(w.endswith("siglip_mixtral.py") for w in cmd):
+        if any(w.endswith(JOBS) for w in cmd):
             check_without_running(job, cmd)
         if any(w.endswith("fused_dino_siglip.py") for w in cmd):    # its overrides parse against its own base
             import fused_dino_siglip
             job.X.parse(cmd[2:], fused_dino_siglip.base())
         return
     if cmd[0].endswith(("python", "python3")) and cmd[1:2] == ["-m"] and cmd[2] in MODULES:
-        assert importlib.import_module(cmd[2]).main(cmd[3:]) == 0, text
+        mod = importlib.import_module(cmd[2])
+        if not hasattr(mod, "main"):                 # a package: python -m runs its __main__
+            mod = importlib.import_module(cmd[2] + ".__main__")
+        assert mod.main(cmd[3:]) == 0, text
     elif cmd[0].endswith(("python", "python3")) and cmd[1] == "experiments/siglip_mixtral.py":
         try:
             job.main(shrink(cmd[2:]))
         except SystemExit as e:                   # --help
             assert e.code in (0, None), text
+    elif cmd[0].endswith(("python", "python3")) and cmd[1] == "experiments/long_video.py":
+        metrics = importlib.import_module("long_video").main(shrink(cmd[2:]))
+        assert metrics["video"]["overall"]["n"] and metrics["memory_per_rank"][0]["peak_rss_mb"] > 0, text
     else:
         raise AssertionError(f"README command {text!r}: add a way to run it here, or a NOT_RUN entry saying why not")
 
 
-def test_every_readme_block_runs(job, capsys):
+def test_every_readme_block_runs(job, capsys, monkeypatch):
+    import long_video
+    monkeypatch.setattr(long_video, "GENERATE", dict(long_video.GENERATE, n_train=8, n_eval=4))
     text = README.read_text()
     threads = torch.get_num_threads()
     seen: set[str] = set()

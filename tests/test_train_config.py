@@ -117,7 +117,7 @@ def test_help_for_one_section(capsys):
         X.parse(["--help", "parallel"], base(), usage="usage: job.py [--recipe R]")
     out = capsys.readouterr().out
     keys = [line.split()[0] for line in out.splitlines() if line.startswith("  ") and "=" in line.split()[0]]
-    assert keys[:2] == ["parallel.tp=1", "parallel.pp=1"] and len(keys) == 6
+    assert keys[:2] == ["parallel.tp=1", "parallel.pp=1"] and len(keys) == 8   # tp pp ep sp pp_schedule zero1 cp vision
     assert all(k.startswith("parallel.") for k in keys) and "usage: job.py [--recipe R]" in out
     assert "true | false" in out and "tensor parallel" in out
     with pytest.raises(X.ConfigError, match="did you mean 'parallel'"):

@@ -59,6 +59,8 @@ def test_main_job_writes_every_output_and_resumes(workdir, capsys):
     from transformers import LlavaForConditionalGeneration
     hf = LlavaForConditionalGeneration.from_pretrained(str(run / "hf"))
     assert hf.config.text_config.num_local_experts == 4
+    from test_hf_export_folder import hf_answers_match        # the folder serves as trained (issue 14)
+    assert len(hf_answers_match(run)) == 10                     # 6 image and 4 video questions
     mode = (run / "hf/config.json").stat().st_mode & 0o777
     assert (run / "hf/model.safetensors").stat().st_mode & 0o777 == mode       # safetensors alone would give 0600
     events = sorted((run / "tb").iterdir())

@@ -3,8 +3,8 @@ gives identical grads and recomputes exactly the layers its policy names."""
 import pytest
 import torch
 
-from neva import llm
 from neva.params import flatten
+from neva.testing.checks import layer_runs
 from neva.train import optim
 from neva.train import step as S
 from neva.train.precision import LossScaler
@@ -82,21 +82,15 @@ def test_fp16_overflow_skips_the_step_halves_the_scale_and_the_next_step_trains(
 @pytest.mark.parametrize("method,n,want", [("none", 1, [1, 1, 1]), ("uniform", 1, [2, 2, 2]), ("uniform", 2, [2, 2, 2]),
                                            ("block", 1, [2, 1, 1]), ("block", 2, [2, 2, 1])])
 @pytest.mark.parametrize("mode", ["autograd", "func"])
-def test_remat_recomputes_exactly_the_layers_it_names(monkeypatch, method, n, want, mode):
+def test_remat_recomputes_exactly_the_layers_it_names(method, n, want, mode):
     """Runs of each decoder layer in one forward + backward: once in the forward, and once more in the
     backward for every layer the policy checkpoints (uniform: all; block: the first n)."""
     cfg = tiny_cfg(layers=3)
     p, b = params(cfg), batch(cfg)
-    runs = [0] * cfg.llm.n_layers
-    block = llm.block
-
-    def counted(lp, x, ctx, c, dist, i, *a, **k):
-        runs[i] += 1
-        return block(lp, x, ctx, c, dist, i, *a, **k)
-    monkeypatch.setattr(llm, "block", counted)
-    S.compute_grads(p, cfg, [b], trainable=optim.trainable_paths(p, optim.AdamW()), mode=mode,
-                    remat=RematPolicy(method, n))
-    assert runs == want
+    with layer_runs() as runs:
+        S.compute_grads(p, cfg, [b], trainable=optim.trainable_paths(p, optim.AdamW()), mode=mode,
+                        remat=RematPolicy(method, n))
+    assert [runs.get(i, 0) for i in range(cfg.llm.n_layers)] == want
 
 
 @pytest.mark.parametrize("method,n", [("uniform", 1), ("uniform", 2), ("block", 2)])

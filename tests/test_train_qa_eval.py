@@ -49,7 +49,7 @@ def test_score_by_hand():
     results = [result("colour", "red", "Red."),      # right, and the prior would be right
                result("colour", "red", "blue"),      # wrong, prior right
                result("colour", "blue", "blue"),     # right, prior wrong
-               result("colour", "green", "red"),     # wrong, prior wrong
+               result("colour", "green", "yellow"),  # wrong, prior wrong (and not the prior: scores the reference)
                result("count", "3", "3"),            # right, prior wrong
                result("count", "2", " 2 "),          # right, prior right
                result("motion", "left", "right")]    # a type with no training answers: prior 0

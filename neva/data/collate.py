@@ -9,6 +9,8 @@ A *row* is a list of ``Sample``s: one sample (unpacked) or several (packed). The
   segment_ids    int64[B, T]    packed only: samples 1..k within a row, 0 on padding
   pixel_values   float32[N, 3, H, W]  every row's media, row-major, in order of appearance (a dict
                                       {tower kind: float32[N, 3, H_t, W_t]} for an encoder with towers)
+  video_frames   bool[N]        True where a pixel_values row is a video frame (pooled frames have
+                                fewer tokens than images: ``model.projector.frame_pool``)
   "_stats"       {"skipped": [messages], "errors": [messages], "ids": [sample ids], "truncated": n,
                  "samples": n}  (the Loader pops it)
 
@@ -48,7 +50,7 @@ def collate(rows: list[list], *, packed: bool, pad_to: int | None = None, pad_id
     mask = torch.zeros(B, T, dtype=torch.int64)
     pos = torch.zeros(B, T, dtype=torch.int64)
     seg = torch.zeros(B, T, dtype=torch.int64)
-    pix = []
+    pix, frames = [], []
     for b, row in enumerate(rows):
         t = 0
         for k, s in enumerate(row):
@@ -61,6 +63,8 @@ def collate(rows: list[list], *, packed: bool, pad_to: int | None = None, pad_id
             t += n
             if s.pixel_values is not None and media_count(s.pixel_values):
                 pix.append(s.pixel_values)
+                frames.append(s.video_frames if s.video_frames is not None
+                              else torch.zeros(media_count(s.pixel_values), dtype=torch.bool))
     if pix:
         towers = [{"": p} if isinstance(p, torch.Tensor) else p for p in pix]
         for k in towers[0]:
@@ -69,11 +73,12 @@ def collate(rows: list[list], *, packed: bool, pad_to: int | None = None, pad_id
                 raise ValueError(f"the batch's images{' for tower ' + k if k else ''} have different sizes {shapes} "
                                  f"(image_mode=keep keeps aspect ratios): use image_mode=square or pad for a "
                                  f"fixed-grid encoder")
-        pixel_values = media_cat(pix)
+        pixel_values, video_frames = media_cat(pix), torch.cat(frames)
     else:
         pixel_values = empty if empty is not None else torch.zeros(0, 3, 1, 1)
+        video_frames = torch.zeros(0, dtype=torch.bool)
     batch = {"input_ids": ids, "labels": labels, "attention_mask": mask, "position_ids": pos,
-             "pixel_values": pixel_values, "_stats": stats}
+             "pixel_values": pixel_values, "video_frames": video_frames, "_stats": stats}
     if packed:
         batch["segment_ids"] = seg
     return batch

@@ -22,11 +22,15 @@ class DataConfig:
     image_folder: str | None = None       # image paths are relative to this (default: the data file's folder)
     video_folder: str | None = None       # a folder or a .tar of videos (default: the data file's folder)
     tokenizer: str = "mixtral"            # mixtral | llama3 (shipped, offline) | a local HF tokenizer folder
-    template: str = "mistral"             # plain | v1 | llama_2 | llama_3 | mistral | nvgpt | chatml
+    template: str = "mistral"   # plain | v1 | llama_2 | llama_3 | mistral | mistral_vila (NeMo's) | nvgpt | chatml
     system_prompt: str | None = None      # replaces the template's default system prompt
     image_mode: str = "square"            # square (the encoder's HF processor) | pad (LLaVA-1.5) | keep
-    num_frames: int = 4                   # frames per <video> (linspace; repeat the last; -1 = all frames)
-    splice_single_frame: str | None = None  # first | middle | last: one frame per video instead
+    num_frames: int = 4                   # frames per <video> (NeMo: linspace; repeat the last; -1 = all frames)
+    splice_single_frame: str | None = None  # first | middle | last: one frame per video instead (NeMo)
+    fps: float | None = None              # sample at this rate instead of num_frames (LLaVA-Video's video_fps=1)
+    max_frames: int = 32                  # with fps: a longer video gets this many, uniformly (frames_upbound)
+    frame_timestamps: bool = False        # "<video> sampled at 0.0s, 1.0s, ..." (LLaVA-Video's time instruction)
+    frame_folder_fps: float = 1.0         # the rate a video given as frame images was extracted at
     max_seq_len: int = 256                # longer samples are truncated (counted, never inside a media span)
     packing: bool = False                 # pack samples into rows of max_seq_len
     packing_algorithm: str = "first_fit_decreasing"  # first_fit_decreasing | first_fit_shuffle
@@ -50,6 +54,12 @@ class DataConfig:
             raise ValueError(f"data.splice_single_frame={self.splice_single_frame!r}: use first, middle, last or null")
         if self.num_frames == 0 or self.num_frames < -1:
             raise ValueError(f"data.num_frames={self.num_frames}: use a positive count or -1 (all frames)")
+        if self.fps is not None and self.fps <= 0:
+            raise ValueError(f"data.fps={self.fps}: use a positive rate (frames per second) or null for num_frames")
+        if self.max_frames < 1:
+            raise ValueError(f"data.max_frames={self.max_frames} must be at least 1")
+        if self.frame_folder_fps <= 0:
+            raise ValueError(f"data.frame_folder_fps={self.frame_folder_fps} must be positive")
         if self.packing_algorithm not in PACKING_ALGOS:
             raise ValueError(f"data.packing_algorithm={self.packing_algorithm!r}: use one of {PACKING_ALGOS}")
         if self.on_bad_sample not in ON_BAD:
@@ -66,5 +76,11 @@ class DataConfig:
 
     @property
     def frames_per_video(self) -> int:
-        """Media images one <video> becomes (-1: as many as the video has)."""
-        return 1 if self.splice_single_frame else self.num_frames
+        """Media images one <video> becomes (-1: it depends on the video: all its frames, or fps)."""
+        return 1 if self.splice_single_frame else (-1 if self.fps is not None else self.num_frames)
+
+    def frame_choice(self):
+        """How ``neva.data.video`` picks each video's frames."""
+        from neva.data.video import FrameChoice  # late: video imports nothing from here
+
+        return FrameChoice(self.num_frames, self.splice_single_frame, self.fps, self.max_frames, self.frame_folder_fps)

@@ -14,7 +14,7 @@ skipped the same way, by the loader (``Loader.skipped``). More skipped samples t
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +27,7 @@ from neva.data import templates, tokenizers
 from neva.data.config import DataConfig
 from neva.data.records import Record, read
 from neva.data.tokenize import BadSample, Encoded, encode
-from neva.data.video import VideoSource, frame_indices
+from neva.data.video import VideoSource, timestamp_text
 from neva.progress import Progress
 
 log = logging.getLogger("neva.data")
@@ -49,6 +49,7 @@ class Sample:
     input_ids: torch.Tensor | None = None          # int64[T]
     labels: torch.Tensor | None = None             # int64[T]
     pixel_values: Media | None = None              # float32[n_media_images, 3, H, W] (per tower: a dict)
+    video_frames: torch.Tensor | None = None       # bool[n_media_images]: True for a video's frames
     skipped: str | None = None
     error: str | None = None                       # on_bad_sample=error: why it failed (the Loader raises it)
     truncated: int = 0
@@ -87,6 +88,8 @@ class NevaDataset(torch.utils.data.Dataset):
         self.cfg = cfg.validate()
         self.image_token_id = model_cfg.image_token_id
         self.tokens_per_image = model_cfg.tokens_per_image
+        self.tokens_per_frame = getattr(model_cfg, "tokens_per_frame", self.tokens_per_image)
+        self.choice = self.cfg.frame_choice()
         self.spec = imaging.spec_for(model_cfg.vision, cfg.image_mode)
         self.tok = tok if tok is not None else tokenizers.load(cfg.tokenizer)
         self.template = templates.get(cfg.template)
@@ -95,6 +98,7 @@ class NevaDataset(torch.utils.data.Dataset):
         self.sources: list[Source] = []
         self.source_of: list[int] = []
         self.frames: list[list[int]] = []      # media images per media tag, per sample
+        self.times: list[list[list[float]]] = []   # per sample, per <video>: its frames' timestamps (seconds)
         lengths = []
         self.stats = ScanStats()
         for path in _paths(data_path if data_path is not None else cfg.data_path):
@@ -141,8 +145,8 @@ class NevaDataset(torch.utils.data.Dataset):
             bar.update()
             try:
                 self._check_media(rec, src)
-                frames = self._frames(rec, src)
-                enc = self._encode(rec, frames)
+                frames, times = self._frames(rec, src)
+                enc = self._encode(rec, frames, times)
             except (BadSample, FileNotFoundError, ValueError) as e:
                 self._bad(named(rec, e))
                 continue
@@ -152,6 +156,7 @@ class NevaDataset(torch.utils.data.Dataset):
             self.records.append(rec)
             self.source_of.append(len(self.sources) - 1)
             self.frames.append(frames)
+            self.times.append(times)
             lengths.append(len(enc))
         bar.close()
 
@@ -166,35 +171,55 @@ class NevaDataset(torch.utils.data.Dataset):
                 raise FileNotFoundError(f"{rec.name}: video {src.video.where(v)} does not exist")
             src.video.check_header(v, rec.name)
 
-    def _frames(self, rec: Record, src: Source) -> list[int]:
-        out, vi = [], 0
+    def _frames(self, rec: Record, src: Source) -> tuple[list[int], list[list[float]]]:
+        """Media images per media tag, and each video's frame timestamps (read from the video's header
+        when the count depends on it or timestamps are asked for; none otherwise)."""
+        out, times, vi = [], [], 0
         for tag in rec.media_tags():
             if tag == "<image>":
                 out.append(1)
+                continue
+            if self.choice.fixed is not None and not self.cfg.frame_timestamps:
+                out.append(self.choice.fixed)
             else:
-                n = self.cfg.frames_per_video
-                if n == -1:
-                    n = len(frame_indices(src.video.n_frames(rec.videos[vi], rec.name), -1))
-                out.append(n)
-                vi += 1
+                idx, ts = src.video.choose(rec.videos[vi], self.choice, rec.name)
+                out.append(len(idx))
+                times.append(ts)
+            vi += 1
+        return out, times
+
+    def _turns(self, rec: Record, times: list[list[float]]) -> list:
+        """The record's turns; with ``frame_timestamps`` each <video> tag followed by its frames' times."""
+        if not self.cfg.frame_timestamps:
+            return list(rec.turns)
+        it, out = iter(times), []
+        for t in rec.turns:
+            parts = t.text.split("<video>")
+            out.append(replace(t, text=parts[0] + "".join("<video>" + timestamp_text(next(it)) + p for p in parts[1:])))
         return out
 
-    def _encode(self, rec: Record, frames: list[int]) -> Encoded:
+    def _encode(self, rec: Record, frames: list[int], times: list[list[float]]) -> Encoded:
         try:
-            pieces = templates.render(self.template, list(rec.turns), bos=self.tok.bos_token or "",
+            pieces = templates.render(self.template, self._turns(rec, times), bos=self.tok.bos_token or "",
                                       eos=self.tok.eos_token or "",
                                       system=self.cfg.system_prompt if self.cfg.system_prompt is not None else rec.system)
         except ValueError as e:
             raise BadSample(f"{rec.name}: {e}") from e
         return encode(pieces, self.tok, image_token_id=self.image_token_id, tokens_per_image=self.tokens_per_image,
-                      frames=frames, max_seq_len=self.cfg.max_seq_len, name=rec.name)
+                      frames=frames, max_seq_len=self.cfg.max_seq_len, name=rec.name,
+                      tokens_per_frame=self.tokens_per_frame)
 
     # ------------------------------------------------------------------------------------ load
     def __len__(self) -> int:
         return len(self.records)
 
     def encoded(self, i: int) -> Encoded:
-        return self._encode(self.records[i], self.frames[i])
+        return self._encode(self.records[i], self.frames[i], self.times[i])
+
+    def frame_flags(self, i: int, n_images: int | None = None) -> torch.Tensor:
+        """bool[N]: which of sample i's first ``n_images`` media images are video frames."""
+        flags = [tag == "<video>" for tag, n in zip(self.records[i].media_tags(), self.frames[i]) for _ in range(n)]
+        return torch.tensor(flags[:n_images], dtype=torch.bool)
 
     def media(self, i: int, n_spans: int | None = None) -> Media:
         """float32[N, 3, H, W] (per tower for kind=fused): the images and video frames of the first
@@ -208,7 +233,7 @@ class NevaDataset(torch.utils.data.Dataset):
                 out.append(media_map(lambda t: t[None], imaging.process(img, self.spec)))
                 ii += 1
             else:
-                fr = src.video.frames(rec.videos[vi], self.cfg.num_frames, self.cfg.splice_single_frame, rec.name)
+                fr, _ = src.video.sample(rec.videos[vi], self.choice, rec.name)
                 out.append(media_cat([media_map(lambda t: t[None], imaging.process(Image.fromarray(f), self.spec))
                                       for f in fr]))
                 vi += 1
@@ -227,14 +252,14 @@ class NevaDataset(torch.utils.data.Dataset):
                 raise
             return Sample(rec.id, skipped=named(rec, e))
         return Sample(rec.id, torch.from_numpy(enc.input_ids), torch.from_numpy(enc.labels), pix,
-                      truncated=enc.truncated)
+                      self.frame_flags(i, media_count(pix)), truncated=enc.truncated)
 
     def prompt(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         """For generation: sample i's turns up to (not including) its last gpt reply, rendered with the
         open assistant prefix -> (input_ids int64[T], pixel_values float32[N, 3, H, W] or per tower). The reply it
         should produce is ``records[i].turns[-1].text`` (``records[i].meta`` has ``answer``/``qtype``)."""
         rec = self.records[i]
-        turns = list(rec.turns)
+        turns = self._turns(rec, self.times[i])
         if turns[-1].role == "assistant":
             turns = turns[:-1]
         pieces = templates.render(self.template, turns, bos=self.tok.bos_token or "", eos=self.tok.eos_token or "",
@@ -242,7 +267,8 @@ class NevaDataset(torch.utils.data.Dataset):
                                   generation=True)
         n_media = sum(len(templates.media_tags_in(t.text)) for t in turns)
         enc = encode(pieces, self.tok, image_token_id=self.image_token_id, tokens_per_image=self.tokens_per_image,
-                     frames=self.frames[i][:n_media], name=rec.name, require_trained=False)
+                     frames=self.frames[i][:n_media], name=rec.name, require_trained=False,
+                     tokens_per_frame=self.tokens_per_frame)
         return torch.from_numpy(enc.input_ids), self.media(i, n_media)
 
     def stop_strings(self) -> list[str]:

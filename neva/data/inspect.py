@@ -144,7 +144,11 @@ def _main(argv: list[str] | None) -> int:
     print("--- tokens (trained ⟦ ⟧, media as <image x N>)")
     print(show_sample(rec, enc, tok, color=color, table=a.table))
     own = tokenizers.own_chat_template(tok, a.tokenizer)
-    if t.name == "plain" or own is None or a.max_seq_len is not None:
+    skip = ("plain is a pretraining layout, not a chat" if t.name == "plain" else
+            f"tokenizer {a.tokenizer} has no chat_template" if own is None else
+            "--max-seq-len truncates the sample" if a.max_seq_len is not None else None)
+    if skip:
+        print(f"--- the tokenizer's own chat template: not compared ({skip})")
         return 0
     sys_prompt = a.system_prompt if a.system_prompt is not None else rec.system
     diff = chat_template_diff(t, list(rec.turns), sys_prompt, enc, tok, own, image_token_id=image_token_id,

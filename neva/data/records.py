@@ -1,9 +1,9 @@
 """LLaVA conversation records from JSON (a list) or JSONL (one object a line), validated.
 
-A record: ``{"id", "image": str | [str], "video": str | [str], "conversations": [{"from": "human" |
-"gpt" | "system", "value": "<image>\\n..."}], "system"?: str, ...}``. Any other keys (``qtype``,
-``answer``, ...) are kept in ``Record.meta``. ``human``/``user`` and ``gpt``/``assistant`` are
-accepted; a ``system`` turn (first) or a top-level ``system`` key sets the system prompt.
+A record: ``{"id", "image": str | [str], "video": str | [str] | [[frame images]], "conversations":
+[{"from": "human" | "gpt" | "system", "value": "<image>\\n..."}], "system"?: str, ...}``. Any other
+keys (``qtype``, ``answer``, ...) are kept in ``Record.meta``. ``human``/``user`` and ``gpt``/
+``assistant`` are accepted; a ``system`` turn (first) or a top-level ``system`` key sets the system prompt.
 Every problem raises ``BadSample`` naming the file, the line (JSONL) or index (JSON), and the id.
 """
 from __future__ import annotations
@@ -14,6 +14,7 @@ from pathlib import Path
 
 from neva.data.templates import MEDIA_TAGS, Turn
 from neva.data.tokenize import BadSample
+from neva.data.video import IMAGE_EXTS
 
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
 
@@ -23,7 +24,7 @@ class Record:
     id: str
     turns: tuple[Turn, ...]
     images: tuple[str, ...] = ()
-    videos: tuple[str, ...] = ()
+    videos: tuple = ()                   # per <video>: a path (file or frame folder) or a tuple of frame images
     system: str | None = None
     where: str = ""                      # "train.jsonl:12" (line) or "train.json[12]" (index)
     meta: dict = field(default_factory=dict, hash=False, compare=False)
@@ -48,6 +49,21 @@ def _as_list(v, what: str, name: str) -> tuple[str, ...]:
     if isinstance(v, list) and all(isinstance(x, str) for x in v):
         return tuple(v)
     raise BadSample(f"{name}: {what!r} must be a path or a list of paths, got {type(v).__name__}")
+
+
+def _videos(v, n_tags: int, name: str) -> tuple:
+    """The ``video`` key: a path (a video file or a folder of frames) or a list of them; a list of
+    frame-image lists, one per video; or, for a sample with one <video>, a flat list of its frames."""
+    if isinstance(v, list) and v and all(isinstance(x, list) and x and all(isinstance(f, str) for f in x) for x in v):
+        return tuple(tuple(x) for x in v)
+    if (isinstance(v, list) and n_tags == 1 and len(v) > 1 and all(isinstance(x, str) for x in v)
+            and all(x.lower().endswith(IMAGE_EXTS) for x in v)):
+        return (tuple(v),)
+    try:
+        return _as_list(v, "video", name)
+    except BadSample:
+        raise BadSample(f"{name}: 'video' must be a path (a video or a folder of frames), a list of them, or a "
+                        f"list of frame-image lists, got {v!r:.80}") from None
 
 
 def parse(obj, where: str) -> Record:
@@ -82,8 +98,9 @@ def parse(obj, where: str) -> Record:
                             f"expected")
         if t.role == "assistant" and any(tag in t.text for tag in MEDIA_TAGS):
             raise BadSample(f"{name}: a media tag appears in gpt turn {i}; media go in human turns")
+    n_video_tags = sum(t.text.count("<video>") for t in turns)
     rec = Record(rid, tuple(turns), _as_list(obj.get("image"), "image", name),
-                 _as_list(obj.get("video"), "video", name), system, where,
+                 _videos(obj.get("video"), n_video_tags, name), system, where,
                  {k: v for k, v in obj.items() if k not in ("id", "image", "video", "conversations", "system")})
     tags = rec.media_tags()
     for tag, have, key in (("<image>", rec.images, "image"), ("<video>", rec.videos, "video")):

@@ -11,7 +11,7 @@ COLOURS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (50, 90, 230), 
 KINDS = ("circle", "square", "triangle")
 QUADRANTS = ("top left", "top right", "bottom left", "bottom right")
 BACKGROUND = (24, 24, 24)
-SPLITS = {"train": 0, "eval": 1, "video_train": 2, "video_eval": 3}
+SPLITS = {"train": 0, "eval": 1, "video_train": 2, "video_eval": 3, "needle_train": 4, "needle_eval": 5}
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,8 @@ How a sample is tokenised, and why it cannot silently disagree with its template
 * Each chunk's tokens must decode back to the chunk's text (up to the word-start a legacy
   sentencepiece tokenizer puts after a special token), every non-space character must be covered by a
   token, and at least one label must be trained, else ``BadSample``.
-* Each media tag becomes ``frames x tokens_per_image`` copies of ``image_token_id``.
+* Each media tag becomes ``frames x tokens_per_image`` copies of ``image_token_id`` (a ``<video>``'s
+  frames ``tokens_per_frame`` each when the projector pools frames).
 * Truncation to ``max_seq_len`` is explicit (reported in ``Encoded.truncated``) and never cuts a
   media span: the cut moves to the span's start and the media after it are dropped.
 """
@@ -166,8 +167,10 @@ def _check_chunk(tok, text: str, ids: list[int], offs, trained_chars: np.ndarray
 
 
 def encode(pieces: list[Piece], tok, *, image_token_id: int, tokens_per_image: int, frames: list[int],
-           max_seq_len: int | None = None, name: str = "sample", require_trained: bool = True) -> Encoded:
-    """Tokenise rendered pieces. ``frames[k]``: media images of the k-th media tag (1 for an image)."""
+           max_seq_len: int | None = None, name: str = "sample", require_trained: bool = True,
+           tokens_per_frame: int | None = None) -> Encoded:
+    """Tokenise rendered pieces. ``frames[k]``: media images of the k-th media tag (1 for an image);
+    a ``<video>``'s are ``tokens_per_frame`` tokens each (default ``tokens_per_image``)."""
     ids: list[int] = []
     labels: list[int] = []
     spans: list[Span] = []
@@ -178,7 +181,7 @@ def encode(pieces: list[Piece], tok, *, image_token_id: int, tokens_per_image: i
     k = 0
     for i, c in enumerate(chunks):
         if c[0] == "media":
-            n = frames[k] * tokens_per_image
+            n = frames[k] * (tokens_per_image if c[1] == "<image>" or tokens_per_frame is None else tokens_per_frame)
             spans.append(Span(c[1], frames[k], len(ids), len(ids) + n))
             ids += [image_token_id] * n
             labels += [IGNORE] * n

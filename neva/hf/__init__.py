@@ -3,7 +3,7 @@ vision and language folders, ``save`` a LLaVA folder that transformers (and vLLM
 
     cfg, params = neva.hf.load("llava-1.5-7b-hf")
     cfg, params = neva.hf.load_parts("siglip-so400m-patch14-384", "Mixtral-8x7B-v0.1", projector="mlp2x_gelu")
-    neva.hf.save(params, cfg, "out/llava")
+    neva.hf.save(params, cfg, "out/llava", data=exp.data)   # + tokenizer, chat template, processor
 
 Everything is safetensors, read lazily one tensor at a time (``neva/hf/io.py``). Sharded loading:
 ``load(..., shard=fn)`` calls ``fn(path, full_shape)`` for every leaf (our path and layout, e.g.
@@ -162,13 +162,23 @@ def load_parts(vision_folder: str, llm_folder: str, projector: str = "mlp2x_gelu
     return cfg, {"vision": vparams, "projector": unflatten(proj), "llm": lparams}
 
 
-def save(params: dict, cfg: ModelConfig, folder: str, *, max_shard_bytes: int = MAX_SHARD_BYTES) -> list[str]:
+def save(params: dict, cfg: ModelConfig, folder: str, *, data=None, tokenizer=None,
+         max_shard_bytes: int = MAX_SHARD_BYTES) -> list[str]:
     """Write a LlavaForConditionalGeneration folder (config.json + safetensors, sharded above
     ``max_shard_bytes`` with model.safetensors.index.json) in the hub key layout (``language_model.model.*``,
     ``language_model.lm_head``, ``multi_modal_projector.*`` and ``vision_tower.vision_model.*``: 5.x itself
     writes ``vision_tower.*`` but reads both, while 4.x and vLLM need ``vision_model``). Only the
-    mlp2x_gelu projector exists in HF LLaVA. Returns the files written."""
+    mlp2x_gelu projector exists in HF LLaVA. Returns the files written.
+
+    data: the run's ``DataConfig`` (template, tokenizer, system prompt, image mode, frames per video):
+    with it the folder is complete and serves as trained (``neva/hf/folder.py``: tokenizer with
+    ``<image>``, chat template, image processor, processor and generation configs; ``AutoProcessor``,
+    vLLM and SGLang load it). tokenizer: the tokenizer object training used (default: loaded from
+    ``data.tokenizer``). Without ``data`` only the weights and config.json are written."""
     cfg.validate()
+    if data is not None:                        # refuse an unservable image mode before writing anything
+        from neva.hf import folder as serving
+        serving.image_processor(cfg, data.image_mode)
     spec, flat = flatten(model_specs(cfg)), flatten(params)
     conf = translate.llava_json(cfg, DTYPE_NAMES.get(flat.get("llm/embed/w", torch.empty(0)).dtype, "float32"))
     missing, extra = [p for p in spec if p not in flat], [p for p in flat if p not in spec]
@@ -183,4 +193,9 @@ def save(params: dict, cfg: ModelConfig, folder: str, *, max_shard_bytes: int = 
     files = write(tensors, folder, max_shard_bytes)
     with open(os.path.join(folder, "config.json"), "w") as f:
         json.dump(conf, f, indent=2)
-    return files + ["config.json"]
+    if data is None:
+        return files + ["config.json"]
+    if tokenizer is None:
+        from neva.data import tokenizers
+        tokenizer = tokenizers.load(data.tokenizer)
+    return serving.write(folder, cfg, tokenizer, data)

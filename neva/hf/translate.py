@@ -320,6 +320,12 @@ def llava_json(cfg: ModelConfig, dtype_name: str) -> dict:
     if cfg.projector.kind != "mlp2x_gelu":
         raise ValueError(f"cannot export projector {cfg.projector.kind!r}: HF LLaVA's projector is mlp2x_gelu "
                          f"(linear, GELU, linear); train with model.projector.kind=mlp2x_gelu to export")
+    if cfg.projector.frame_pool != 1:
+        raise ValueError(f"cannot export model.projector.frame_pool={cfg.projector.frame_pool}: HF's "
+                         "LlavaForConditionalGeneration gives every image and video frame the same "
+                         f"{cfg.tokens_per_image} tokens and has no frame pooling (LlavaNextVideo pools, but "
+                         "with AnyRes image tiles and its own token layout, which this model does not have); "
+                         "export a model trained with frame_pool=1, or use the DCP checkpoint")
     v = cfg.vision
     strategy = ("default" if v.select_feature == "patch" else "full") if v.kind == "clip" else "full"
     text = llm_json(cfg.llm)

@@ -3,6 +3,12 @@ through ``F.scaled_dot_product_attention`` (flash kernels on GPU), tensor-parall
 
 Under TP each rank holds ``n_heads / tp`` query heads and ``n_kv_heads / tp`` kv heads; the head
 counts are read off the local weight shapes, so the same function runs sharded and unsharded.
+
+Under context parallelism (``dist.cp``) a rank's queries are its two chunks of the sequence (i and
+2cp-1-i); it gathers every rank's keys and values (``comm.gather_kv``: all-gather forward,
+reduce-scatter backward) and runs each chunk against the keys up to that chunk's end (the causal
+prefix): every rank then does the same work, (2cp + 1) chunk x chunk blocks. The mask (always given
+under cp) carries the rest: causality within the last block, windows, packed samples, padding.
 """
 from __future__ import annotations
 
@@ -76,10 +82,27 @@ def attention(p: dict, x_btd: Tensor, dist: Dist, *, head_dim: int, rope: tuple[
         cache["v"][:, :, cache_pos:end] = v
         k, v = cache["k"][:, :, :end], cache["v"][:, :, :end]
     gqa = q.shape[1] != k.shape[1]
-    if mask is None:
+    if dist.cp is not None:
+        if cache is not None or mask is None:
+            raise ValueError("context-parallel attention needs the mask of its queries' slots and no KV cache "
+                             "(generate with cp=1)")
+        o = _cp_attention(q, comm.gather_kv(k, dist, 2), comm.gather_kv(v, dist, 2), mask, dist, gqa)
+    elif mask is None:
         o = F.scaled_dot_product_attention(q, k, v, is_causal=causal and T > 1, enable_gqa=gqa)
     else:
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
     o = o.transpose(1, 2).reshape(B, T, -1)
     y = comm.exit_tp(F.linear(o, p["wo"]["w"]), dist)
     return y + p["wo"]["b"] if "b" in p["wo"] else y
+
+
+def _cp_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, dist: Dist, gqa: bool) -> Tensor:
+    """q [B, H, 2c, hd] (this cp rank's chunks), k, v [B, KV, 2cp*c, hd] (the whole sequence), mask
+    bool[B, 1, 2c, 2cp*c] -> [B, H, 2c, hd]: each chunk against the keys up to its own end."""
+    c = q.shape[2] // 2
+    outs = []
+    for j, chunk in enumerate((dist.cp_rank, 2 * dist.cp_size - 1 - dist.cp_rank)):
+        end = (chunk + 1) * c
+        outs.append(F.scaled_dot_product_attention(q.narrow(2, j * c, c), k.narrow(2, 0, end), v.narrow(2, 0, end),
+                                                   attn_mask=mask.narrow(2, j * c, c).narrow(3, 0, end), enable_gqa=gqa))
+    return torch.cat(outs, 2)

@@ -8,8 +8,8 @@ each expert's inner dim is sharded over ``tp`` (column then row, as a dense MLP)
 Load balancing (Switch): ``aux = E * sum_e f_e * P_e`` with ``f_e`` the fraction of the N*k routing
 assignments that went to expert e and ``P_e`` the mean router probability (1.0 when balanced; HF's
 Mixtral loss is k times this). Router z-loss: mean over tokens of ``logsumexp(logits)^2``.
-Under SP the statistics are summed over the tp group so the loss equals the unsharded one; each rank
-returns its own tokens' share, so gradients need no extra collective.
+Under SP (and CP) the statistics are summed over the tp (and cp) group so the loss equals the
+unsharded one; each rank returns its own tokens' share, so gradients need no extra collective.
 """
 from __future__ import annotations
 
@@ -48,6 +48,8 @@ def balance_losses(logits_ne: Tensor, topi_nk: Tensor, valid_n: Tensor | None, d
     n = w.sum().detach()
     if dist.sp:  # the sequence is split over tp: statistics span the whole sequence
         counts, n = comm.all_reduce_nograd(counts, dist.tp), comm.all_reduce_nograd(n, dist.tp)
+    if dist.cp is not None:  # and over cp
+        counts, n = comm.all_reduce_nograd(counts, dist.cp), comm.all_reduce_nograd(n, dist.cp)
     n = n.clamp_min(1.0)
     prob_sum = (logits_ne.softmax(-1) * w[:, None]).sum(0)
     aux = E * (counts / (n * k) * prob_sum / n).sum()

@@ -1,7 +1,7 @@
 """DTensor at the checkpoint boundary, and nowhere else.
 
 A flat state dict (``params/<leaf>``, ``optim/<part>/<leaf>``, ...) of local shards becomes DTensors
-on this rank's pipeline stage's (dp, ep, tp) sub-mesh with the plan's placements, so
+on this rank's pipeline stage's (dp, ep, cp, tp) sub-mesh with the plan's placements, so
 ``torch.distributed.checkpoint`` records global shapes and each rank's slice: a checkpoint written
 under one layout loads under any other (DCP reshards), or in one process as plain full tensors.
 """
@@ -14,7 +14,7 @@ from torch import Tensor
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
-STAGE_AXES = ("dp", "ep", "tp")
+STAGE_AXES = ("dp", "ep", "cp", "tp")
 _PREFIX = re.compile(r"^(params|optim/[^/]+)/(.+)$")
 
 

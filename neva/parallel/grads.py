@@ -32,7 +32,7 @@ def _bucket_all_reduce(tensors: list[Tensor], group) -> None:
 
 def sync_grads(grads: dict[str, Tensor], sums: dict[str, tuple[str, ...]], dist: Dist) -> dict[str, Tensor]:
     """Sum ``grads`` (flat path -> local shard, in place) over the groups ``sums[path]`` names
-    (``Dist`` fields: ``tp``, ``data``, ``dp``)."""
-    for axis in ("tp", "data", "dp"):
+    (``Dist`` fields: ``tp``, ``cp``, ``data``, ``dp``)."""
+    for axis in ("tp", "cp", "data", "dp"):
         _bucket_all_reduce([g for p, g in grads.items() if axis in sums[p]], getattr(dist, axis))
     return grads

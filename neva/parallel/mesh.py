@@ -1,4 +1,4 @@
-"""The device mesh: (pp, dp, ep, tp) over torch.distributed, built from what torchrun sets.
+"""The device mesh: (pp, dp, ep, cp, tp) over torch.distributed, built from what torchrun sets.
 
 One node:   torchrun --nproc_per_node 4 experiments/siglip_mixtral.py parallel.tp=2 parallel.pp=2
 Many nodes: torchrun --nnodes 2 --nproc_per_node 8 --rdzv_backend c10d --rdzv_endpoint HOST:29500 ...
@@ -15,6 +15,7 @@ import torch
 import torch.distributed as tdist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
+from neva import comm
 from neva.comm import Dist
 from neva.parallel.plan import AXES, Layout
 
@@ -51,16 +52,22 @@ def build(layout: Layout, device_type: str | None = None) -> tuple[Dist, DeviceM
     coords = {a: mesh.get_local_rank(a) for a in AXES}
 
     def group(axis: str):
-        return mesh.get_group(axis) if layout.size(axis) > 1 else None
+        g = mesh.get_group(axis) if layout.size(axis) > 1 else None
+        comm.name_group(g, axis)
+        return g
 
+    groups = {a: group(a) for a in AXES}
     data = None
     if layout.dp * layout.ep > 1:
         data = mesh["dp", "ep"]._flatten("data").get_group() if layout.dp > 1 and layout.ep > 1 else (
-            group("dp") or group("ep"))
-    dist = Dist(tp=group("tp"), tp_size=layout.tp, tp_rank=coords["tp"],
-                ep=group("ep"), ep_size=layout.ep, ep_rank=coords["ep"],
-                dp=group("dp"), dp_size=layout.dp, dp_rank=coords["dp"],
-                pp=group("pp"), pp_size=layout.pp, pp_rank=coords["pp"],
+            groups["dp"] or groups["ep"])
+        if layout.dp > 1 and layout.ep > 1:
+            comm.name_group(data, "data")
+    dist = Dist(tp=groups["tp"], tp_size=layout.tp, tp_rank=coords["tp"],
+                ep=groups["ep"], ep_size=layout.ep, ep_rank=coords["ep"],
+                dp=groups["dp"], dp_size=layout.dp, dp_rank=coords["dp"],
+                pp=groups["pp"], pp_size=layout.pp, pp_rank=coords["pp"],
+                cp=groups["cp"], cp_size=layout.cp, cp_rank=coords["cp"],
                 sp=layout.sp and layout.tp > 1, data=data, data_size=layout.dp * layout.ep,
                 data_rank=layout.data_index(coords), mesh=mesh)
     return dist, mesh

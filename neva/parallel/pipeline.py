@@ -70,7 +70,7 @@ def compute_grads(params: dict, cfg: ModelConfig, micro_batches: list[dict], par
         p = unflatten({**frozen, **tr})
         p = prepare(p) if prepare is not None else p
         B, T = nb["input_ids"].shape
-        shape = (B, T // dist.tp_size if dist.part("llm").sp else T, cfg.llm.dim)
+        shape = (B, model.local_len(T, dist), cfg.llm.dim)
         with torch.enable_grad(), ctxmgr():
             x_in = None if first else p2p.recv(shape, dtype, p2p.prev, device).requires_grad_()
             x, t = model.trunk(p, cfg, nb, dist, x=x_in, ids=par.stage, loss=last, layers=layers)

@@ -9,13 +9,20 @@ pipeline stages); ``unshard`` puts local trees back together.
 Everything else a layout decides is a table of the plan too, read top to bottom:
   stage_rules  path regex -> pipeline stage ("first", "last", or "layer": the stage of layer group(1))
   sp_parts     top-level parts whose activations are split along the sequence under SP
+  cp_parts     top-level parts whose sequence is split over cp (the LLM; never the encoder: a ViT's
+               patches attend both ways within one image)
+  towers       path regex -> the layout of a tower, first match wins: "tp" (sharded by the rules),
+               "replicate" (whole on every rank, NeMo's HF-loaded ViT) or "frames" (whole, and the
+               ranks that hold the same samples, cp x tp, each encode a share of the media rows;
+               the features are gathered before they are spliced in)
   shares       leaves that run where another leaf runs (a LoRA factor: its weight's stage and TP region)
   read_whole   leaves read whole from HF folders even under a plan
 A top-level part none of whose leaves is placed on tp is replicated: it runs with tp off.
 
-Mesh order is (pp, dp, ep, tp), tp fastest: rank = ((pp_i * dp + dp_i) * ep + ep_i) * tp + tp_i.
-Data is split over dp x ep (``Layout.data_index``); experts over ep; heads, mlp and vocab over tp;
-layers over pp.
+Mesh order is (pp, dp, ep, cp, tp), tp fastest, then cp (Megatron's order):
+rank = (((pp_i * dp + dp_i) * ep + ep_i) * cp + cp_i) * tp + tp_i. Data is split over dp x ep
+(``Layout.data_index``; cp ranks, like tp ranks, read the same samples); experts over ep; heads,
+mlp and vocab over tp; layers over pp; the LLM's sequence over cp.
 """
 from __future__ import annotations
 
@@ -32,11 +39,14 @@ from neva.config import ModelConfig
 from neva.params import ParamSpec, flatten, unflatten
 
 RULES = {"heads": "tp", "kv_heads": "tp", "mlp": "tp", "vocab": "tp", "experts": "ep"}
-AXES = ("pp", "dp", "ep", "tp")
+AXES = ("pp", "dp", "ep", "cp", "tp")
 STAGE_RULES = ((r"^llm/layers/(\d+)/", "layer"),          # media, projector and embedding on the first
                (r"^llm/(norm|lm_head)/", "last"),          # stage; the final norm and the head on the last
                (r"", "first"))
 SP_PARTS = ("llm",)
+CP_PARTS = ("llm",)
+VISION_TOWER = r"^(vision|projector)/"                     # the encoder and the projector
+TOWER_LAYOUTS = ("tp", "replicate", "frames")
 SHARES = ((r"^(.+)_lora_[ab]$", r"\1"),)
 READ_WHOLE = (r"^llm/(embed|lm_head)/w$",)               # the image token may still grow the vocabulary
 
@@ -50,10 +60,11 @@ class Layout:
     ep: int = 1
     dp: int = 1
     sp: bool = False
+    cp: int = 1
 
     @property
     def world(self) -> int:
-        return self.tp * self.pp * self.ep * self.dp
+        return self.tp * self.pp * self.ep * self.dp * self.cp
 
     def size(self, axis: str) -> int:
         return getattr(self, axis)
@@ -81,17 +92,18 @@ class Layout:
         return s + ("+sp" if self.sp else "")
 
     @staticmethod
-    def fit(world: int, tp: int = 1, pp: int = 1, ep: int = 1, sp: bool = False) -> "Layout":
-        """The layout with dp = world / (tp * pp * ep); an error if that does not divide."""
-        if min(tp, pp, ep) < 1:
-            raise ValueError(f"parallel sizes must be >= 1: tp={tp} pp={pp} ep={ep}")
-        if world % (tp * pp * ep):
-            raise ValueError(f"world size {world} is not divisible by tp*pp*ep = {tp}*{pp}*{ep} = {tp * pp * ep}; "
-                             f"launch a multiple of {tp * pp * ep} processes or change parallel.tp/pp/ep")
-        return Layout(tp=tp, pp=pp, ep=ep, dp=world // (tp * pp * ep), sp=sp)
+    def fit(world: int, tp: int = 1, pp: int = 1, ep: int = 1, sp: bool = False, cp: int = 1) -> "Layout":
+        """The layout with dp = world / (tp * pp * ep * cp); an error if that does not divide."""
+        if min(tp, pp, ep, cp) < 1:
+            raise ValueError(f"parallel sizes must be >= 1: tp={tp} pp={pp} ep={ep} cp={cp}")
+        m = tp * pp * ep * cp
+        if world % m:
+            raise ValueError(f"world size {world} is not divisible by tp*pp*ep*cp = {tp}*{pp}*{ep}*{cp} = {m}; "
+                             f"launch a multiple of {m} processes or change parallel.tp/pp/ep/cp")
+        return Layout(tp=tp, pp=pp, ep=ep, dp=world // m, sp=sp, cp=cp)
 
 
-@functools.lru_cache(maxsize=64)   # every leaf's stage asks; a 32-layer pp4 search tries 4495 splits
+@functools.lru_cache(maxsize=256)   # every leaf's stage asks; a 32-layer pp4 search tries 4495 splits
 def stage_layers(n_layers: int, pp: int, first_cost: float = 0.0, last_cost: float = 0.0) -> tuple[range, ...]:
     """Contiguous layer ranges per stage minimising the most loaded stage, where each layer costs 1,
     stage 0 also carries ``first_cost`` (vision, projector) and the last ``last_cost`` (LM head)."""
@@ -129,8 +141,21 @@ class Plan:
     overrides: tuple = ()            # ((regex, "replicate" | tuple of mesh axis or None per dim), ...)
     stage_rules: tuple = STAGE_RULES
     sp_parts: tuple = SP_PARTS
+    cp_parts: tuple = CP_PARTS
+    towers: tuple = ((VISION_TOWER, "tp"),)
     shares: tuple = SHARES
     read_whole: tuple = READ_WHOLE
+
+    @staticmethod
+    def vision_rows(vision: str) -> tuple:
+        """The ``towers`` rows of ``parallel.vision=tp|replicate|frames``."""
+        if vision not in TOWER_LAYOUTS:
+            raise ValueError(f"parallel.vision={vision!r}: use one of {TOWER_LAYOUTS}")
+        return ((VISION_TOWER, vision),)
+
+    def tower(self, path: str) -> str:
+        """The layout of the tower a leaf belongs to (first matching ``towers`` row; "tp" if none)."""
+        return next((lay for rx, lay in self.towers if re.search(rx, path)), "tp")
 
     # ------------------------------------------------------------------------------ placements
     def placement(self, path: str, spec: ParamSpec) -> tuple:
@@ -141,6 +166,8 @@ class Plan:
                 if len(val) != len(spec.shape):
                     raise ValueError(f"plan override {rx!r} gives {len(val)} dims for {path} of shape {spec.shape}")
                 return tuple(val)
+        if self.tower(path) != "tp":
+            return (None,) * len(spec.shape)
         rules = dict(self.rules)
         out = []
         for ax in spec.axes:
@@ -167,20 +194,28 @@ class Plan:
             by_part.setdefault(p.split("/")[0], []).append(v)
         return frozenset(part for part, vs in by_part.items() if all("tp" not in v for v in vs))
 
+    def frame_parts(self, specs: dict) -> frozenset:
+        """Top-level parts that run frame-parallel (a ``towers`` row "frames")."""
+        return frozenset(p.split("/")[0] for p in flatten(specs) if self.tower(p) == "frames")
+
     def grad_sums(self, specs: dict) -> dict[str, tuple[str, ...]]:
         """Per leaf, the groups its gradient is summed over after the backward (``Dist`` fields):
         every leaf over the ranks that read other samples (``data``: dp x ep; ``dp`` for expert
-        leaves, whose ep ranks already received every ep rank's tokens); and over ``tp`` a leaf left
-        whole whose gradient each tp rank holds a part of: one running where a tp-sharded leaf runs
-        (a LoRA factor of a sharded weight sums over the other factor's shards), or, under SP, one of
-        an SP part outside the TP regions (norms, router: each rank saw its slice of the sequence)."""
+        leaves, whose ep ranks already received every ep rank's tokens); over ``cp`` every leaf
+        (each cp rank's loss covers its own tokens); and over ``tp`` a leaf left whole whose
+        gradient each tp rank holds a part of: one running where a tp-sharded leaf runs (a LoRA
+        factor of a sharded weight sums over the other factor's shards), under SP one of an SP part
+        outside the TP regions (norms, router: each rank saw its slice of the sequence), or one of a
+        frame-parallel part (each rank encoded its share of the media)."""
         pl = self.placements(specs)
         sp = frozenset(self.sp_parts) - self.replicated_parts(specs) if self.layout.sp else frozenset()
+        shared = sp | self.frame_parts(specs)
         out = {}
         for p, place in pl.items():
             base = pl.get(self.base(p), place)
-            partial = self.layout.tp > 1 and "tp" not in place and ("tp" in base or p.split("/")[0] in sp)
-            out[p] = ("dp" if "ep" in place else "data",) + (("tp",) if partial else ())
+            partial = self.layout.tp > 1 and "tp" not in place and ("tp" in base or p.split("/")[0] in shared)
+            out[p] = (("dp" if "ep" in place else "data",) + (("cp",) if self.layout.cp > 1 else ())
+                      + (("tp",) if partial else ()))
         return out
 
     # --------------------------------------------------------------------------------- stages
@@ -218,6 +253,12 @@ class Plan:
                             "head live on different stages); untie them or use pp=1")
         if lay.sp and lay.tp == 1:
             problems.append("parallel.sp=true needs parallel.tp > 1 (the sequence is split over tp)")
+        bad_towers = [lay_ for _, lay_ in self.towers if lay_ not in TOWER_LAYOUTS]
+        if bad_towers:
+            problems.append(f"plan towers {bad_towers}: a tower's layout is one of {TOWER_LAYOUTS}")
+        elif "projector" in self.frame_parts(specs) and "vision" not in self.frame_parts(specs):
+            problems.append("a frame-parallel projector needs a frame-parallel vision encoder (it shares the "
+                            "encoder's media rows): use parallel.vision=frames for both")
         pl = self.placements(specs)
         flat = flatten(specs)
         for path, place in pl.items():
@@ -247,10 +288,11 @@ class Plan:
     def suggest(self, cfg: ModelConfig, specs: dict, world: int) -> str:
         """A line listing the layouts (tp, pp, ep up to 8) that fit ``world`` processes and the model."""
         fits = []
+        cp = self.layout.cp
         for tp, pp, ep in itertools.product([1, 2, 4, 8], repeat=3):
-            if world % (tp * pp * ep):
+            if world % (tp * pp * ep * cp):
                 continue
-            cand = replace(self, layout=Layout.fit(world, tp, pp, ep, self.layout.sp and tp > 1))
+            cand = replace(self, layout=Layout.fit(world, tp, pp, ep, self.layout.sp and tp > 1, cp))
             try:
                 cand.validate(cfg, specs, world, suggest=False)
             except ValueError:
@@ -336,6 +378,13 @@ class Plan:
                 lines.append("  per MoE layer: all-to-all of counts, all-to-all of tokens out and back (x2 in bwd)")
             if lay.sp:
                 lines.append("  per MoE layer: all-reduce of routing statistics over tp (load-balancing loss)")
+        if lay.cp > 1:
+            lines.append(f"  sequence over cp={lay.cp}: each rank chunks i and {2 * lay.cp - 1}-i; per LLM layer: "
+                         "all-gather of K and V fwd / reduce-scatter bwd")
+        frames = self.frame_parts(specs)
+        if frames and lay.cp * lay.tp > 1:
+            lines.append(f"  {', '.join(sorted(frames))}: frame-parallel, each of the cp x tp = {lay.cp * lay.tp} "
+                         "ranks encodes a share of the media rows; all-gather of the features fwd")
         if lay.pp > 1:
             lines.append("  per micro-batch and stage boundary: send/recv activations fwd, gradients bwd")
         if lay.dp * lay.ep > 1:
@@ -343,6 +392,8 @@ class Plan:
                          + (", of expert gradients over dp" if lay.ep > 1 else ""))
         if lay.sp:
             lines.append("  per step: all-reduce over tp of the gradients of LLM leaves not sharded by tp (norms, router)")
+        if lay.cp > 1:
+            lines.append("  per step: all-reduce of every gradient over cp (each rank's loss covers its own tokens)")
         return "\n".join(lines)
 
     def describe(self, cfg: ModelConfig, specs: dict) -> str:
@@ -351,6 +402,8 @@ class Plan:
         pl, flat = self.placements(specs), flatten(specs)
         lines = [f"layout {self.layout}", "stages " + " ".join(f"{r.start}-{r.stop - 1}" for r in self.stages(cfg)),
                  "replicated " + (",".join(sorted(self.replicated_parts(specs))) or "-")]
+        if self.frame_parts(specs):
+            lines.append("frame-parallel " + ",".join(sorted(self.frame_parts(specs))))
         seen: dict[str, str] = {}
         for p in flat:
             key = re.sub(r"layers/\d+/", "layers/*/", p)

@@ -62,7 +62,7 @@ class Parallel:
     def coords(self) -> dict:
         """This rank's coordinate on each mesh axis (per-rank SymInts in a simulated world)."""
         d = self.dist
-        c = {"pp": d.pp_rank, "dp": d.dp_rank, "ep": d.ep_rank, "tp": d.tp_rank}
+        c = {"pp": d.pp_rank, "dp": d.dp_rank, "ep": d.ep_rank, "cp": d.cp_rank, "tp": d.tp_rank}
         return {a: (0 if self.layout.size(a) == 1 else c[a]) for a in AXES}
 
     @property
@@ -177,7 +177,7 @@ class Parallel:
             by.setdefault((c, flat[p].dtype), []).append(flat[p])
         for (c, _), ts in sorted(by.items(), key=lambda kv: (kv[0][0], str(kv[0][1]))):
             buf = torch.cat([t.detach().reshape(-1) for t in ts])
-            tdist.broadcast(buf, group=self.dist.dp, group_src=c)
+            comm.broadcast_(buf, self.dist.dp, c)
             off = 0
             for t in ts:
                 with torch.no_grad():
@@ -203,14 +203,17 @@ class Parallel:
 
 
 def setup(cfg: ModelConfig, tp: int = 1, pp: int = 1, ep: int = 1, sp: bool = False, overrides: tuple = (),
-          schedule: str = "1f1b", zero1: bool = False, specs: dict | None = None) -> Parallel:
+          schedule: str = "1f1b", zero1: bool = False, specs: dict | None = None, cp: int = 1,
+          vision: str = "tp") -> Parallel:
     """The plan for this launch: ``torchrun`` sets the world size (or an initialised process group
     does) and dp is what is left; a plan that does not fit the world or the model is an error here,
-    before any work. ``specs``: every leaf the run trains (default: the model's)."""
+    before any work. ``specs``: every leaf the run trains (default: the model's). ``vision``: the
+    vision tower's layout (``Plan.towers``): tp | replicate | frames."""
     if mesh.launched():
         mesh.init_process_group()
     world = tdist.get_world_size() if tdist.is_initialized() else 1
-    plan = Plan(Layout.fit(world, tp, pp, ep, sp and tp > 1), overrides=tuple(overrides))
+    plan = Plan(Layout.fit(world, tp, pp, ep, sp and tp > 1, cp), overrides=tuple(overrides),
+                towers=Plan.vision_rows(vision))
     return make(cfg, plan, mesh.build(plan.layout)[0], specs, tdist.get_rank() if tdist.is_initialized() else 0,
                 schedule, zero1)
 
@@ -218,11 +221,13 @@ def setup(cfg: ModelConfig, tp: int = 1, pp: int = 1, ep: int = 1, sp: bool = Fa
 def make(cfg: ModelConfig, plan: Plan, dist: Dist, specs: dict | None = None, rank: int = 0,
          schedule: str = "1f1b", zero1: bool = False) -> Parallel:
     """The ``Parallel`` of a rank whose mesh is built (``mesh.build``): the plan, checked against the
-    model, tells its ``Dist`` which parts run replicated and which sequence-parallel."""
+    model, tells its ``Dist`` which parts run replicated, sequence-parallel, context-parallel and
+    frame-parallel."""
     if schedule not in SCHEDULES:
         raise ValueError(f"parallel.pp_schedule={schedule!r}: use one of {SCHEDULES}")
     specs = specs if specs is not None else model.specs(cfg)
     plan.validate(cfg, specs)
     reps = plan.replicated_parts(specs)
-    dist = replace(dist, replicate=reps, sp_parts=frozenset(plan.sp_parts) - reps)
+    dist = replace(dist, replicate=reps, sp_parts=frozenset(plan.sp_parts) - reps, cp_parts=frozenset(plan.cp_parts),
+                   frame_parts=plan.frame_parts(specs))
     return Parallel(cfg, plan, dist, specs, rank, schedule, zero1)

@@ -2,11 +2,13 @@
 ``compute_grads`` in one process over the same micro-batches, loss statistics and every gradient."""
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.distributed as tdist
 from torch import Tensor
 
-from neva import comm
+from neva import comm, llm
 from neva.batch import split
 from neva.config import ModelConfig
 from neva.params import flatten, unflatten
@@ -114,14 +116,10 @@ def max_rel_err(a: dict, b: dict) -> float:
     return max(float((fa[k] - fb[k]).abs().max()) / max(float(fa[k].abs().max()), floor) for k in fa)
 
 
-def check_step(rank: int, cfg: ModelConfig, layout: Layout, params: dict, batch: dict, n_micro: int = 1,
-               schedule: str = "1f1b", grad_mode: str = "autograd", remat=None) -> dict | None:
-    """A pool job: the step under ``layout`` (pp > 1: the ``schedule``; ``remat``: a RematPolicy on
-    the sharded side), and on rank 0 the same step in one process over the same micro-batches, without
-    remat. -> on rank 0 {"stats", "stats_ref", "grad_err", "layer_runs"}: layer_runs[r][i] is how often
-    rank r ran decoder layer i (a forward, and each recomputation)."""
-    from neva import llm
-    par = parallel(cfg, layout, schedule=schedule)
+@contextlib.contextmanager
+def layer_runs():
+    """While open, counts how often each decoder layer runs (``neva.llm.block``: once per forward, and
+    once more per recomputation under remat) -> the dict {layer index: runs} it fills."""
     runs: dict[int, int] = {}
     block = llm.block
 
@@ -130,9 +128,21 @@ def check_step(rank: int, cfg: ModelConfig, layout: Layout, params: dict, batch:
         return block(lp, x, ctx, c, dist, i, *a, **k)
     llm.block = counted
     try:
-        stats, grads = sharded_grads(par, params, cfg, batch, n_micro, grad_mode=grad_mode, remat=remat)
+        yield runs
     finally:
         llm.block = block
+
+
+def check_step(rank: int, cfg: ModelConfig, layout: Layout, params: dict, batch: dict, n_micro: int = 1,
+               schedule: str = "1f1b", grad_mode: str = "autograd", remat=None, vision: str = "tp") -> dict | None:
+    """A pool job: the step under ``layout`` (pp > 1: the ``schedule``; ``remat``: a RematPolicy on
+    the sharded side; ``vision``: the vision tower's layout), and on rank 0 the same step in one process
+    over the same micro-batches, without remat. -> on rank 0 {"stats", "stats_ref", "grad_err",
+    "layer_runs"}: layer_runs[r][i] is how often rank r ran decoder layer i (a forward, and each
+    recomputation)."""
+    par = parallel(cfg, layout, schedule=schedule, vision=vision)
+    with layer_runs() as runs:
+        stats, grads = sharded_grads(par, params, cfg, batch, n_micro, grad_mode=grad_mode, remat=remat)
     all_runs = [None] * layout.world if rank == 0 else None
     tdist.gather_object(runs, all_runs, dst=0)
     full = gather(par, grads)
@@ -161,6 +171,27 @@ def all_to_all_vmap_check(rank: int, batch: int = 3, rows: int = 2, dim: int = 5
 
     got = torch.func.vmap(lambda xe: comm.all_to_all(xe, s, s, tdist.group.WORLD))(x)
     want = torch.stack([comm.all_to_all(xe, s, s, tdist.group.WORLD) for xe in x])
+    ggot = torch.func.vmap(torch.func.grad(f))(x)
+    gwant = torch.stack([torch.func.grad(f)(xe) for xe in x])
+    return max(float((got - want).abs().max()), float((ggot - gwant).abs().max()))
+
+
+def gather_kv_vmap_check(rank: int, batch: int = 3, heads: int = 2, chunk: int = 2, hd: int = 4) -> float:
+    """A pool job (every rank one cp rank): ``comm.gather_kv`` under ``torch.func.vmap`` (and vmap of
+    grad) equals running it example by example; -> the largest difference."""
+    from neva.comm import Dist
+
+    n = tdist.get_world_size()
+    d = Dist(cp=tdist.group.WORLD, cp_size=n, cp_rank=rank)
+    g = torch.Generator().manual_seed(rank)
+    x = torch.randn(batch, heads, 2 * chunk, hd, generator=g)
+    wt = torch.randn(heads, 2 * n * chunk, hd, generator=g)
+
+    def f(xe: Tensor) -> Tensor:
+        return (comm.gather_kv(xe, d, 1) * wt).sum()
+
+    got = torch.func.vmap(lambda xe: comm.gather_kv(xe, d, 1))(x)
+    want = torch.stack([comm.gather_kv(xe, d, 1) for xe in x])
     ggot = torch.func.vmap(torch.func.grad(f))(x)
     gwant = torch.stack([torch.func.grad(f)(xe) for xe in x])
     return max(float((got - want).abs().max()), float((ggot - gwant).abs().max()))

@@ -33,7 +33,7 @@ def sharded_tokens(rank: int, layout: Layout, cfg: ModelConfig, params: dict, pr
 def served_tokens(rank: int, layout: Layout, cfg: ModelConfig, params: dict, requests: list[tuple]):
     """Rank 0 serves ``requests`` ((prompts, pixel_values, sampling) each) with ``on_plan``, then
     ``release``s; the other ranks ``follow`` and never see the requests themselves. -> rank 0: (the
-    tokens of each request, the tokens its ``on_step`` streamed per row); others: how many requests
+    tokens of each request, the tokens its ``on_token`` streamed per row); others: how many requests
     they followed."""
     par = parallel(cfg, layout)
     local = par.shard(params)
@@ -42,7 +42,7 @@ def served_tokens(rank: int, layout: Layout, cfg: ModelConfig, params: dict, req
     out, streamed = [], []
     for req in requests:
         steps = []
-        out.append(gen.on_plan(par, local, *req, on_step=lambda t: steps.append(t.tolist()))["tokens"])
+        out.append(gen.on_plan(par, local, *req, on_token=lambda t, done: steps.append(t.tolist()))["tokens"])
         streamed.append([list(r) for r in zip(*steps)])          # per row, as streamed
     gen.release(par)
     return out, streamed

@@ -31,20 +31,20 @@ _DISTS: dict = {}   # layout -> this process's Dist: a mesh creates process grou
 
 
 def parallel(cfg: ModelConfig, layout: Layout, specs: dict | None = None, schedule: str = "1f1b",
-             zero1: bool = False) -> Parallel:
+             zero1: bool = False, vision: str = "tp") -> Parallel:
     """This process's ``Parallel`` for ``layout`` in an initialised world (a pool job or a simulated
-    world); the mesh of a layout is built once per process."""
+    world); the mesh of a layout is built once per process. ``vision``: the vision tower's layout."""
     if layout.world != tdist.get_world_size():
         raise ValueError(f"layout {layout} needs {layout.world} ranks; this world has {tdist.get_world_size()}")
     key = (layout, tdist.get_backend())
     if key not in _DISTS or tdist.get_backend() == "fake":
         _DISTS[key] = mesh.build(layout)[0]
-    plan = Plan(layout)
+    plan = Plan(layout, towers=Plan.vision_rows(vision))
     return runtime.make(cfg, plan, _DISTS[key], specs, tdist.get_rank(), schedule, zero1)
 
 
 @contextlib.contextmanager
-def local_world(cfg: ModelConfig, layout: Layout, specs: dict | None = None):
+def local_world(cfg: ModelConfig, layout: Layout, specs: dict | None = None, vision: str = "tp"):
     """A simulated world of ``layout.world`` ranks in this process -> (Parallel, LocalTensorMode)."""
     from torch.distributed._local_tensor import LocalTensorMode
     from torch.testing._internal.distributed.fake_pg import FakeStore
@@ -56,7 +56,7 @@ def local_world(cfg: ModelConfig, layout: Layout, specs: dict | None = None):
     tdist.init_process_group("fake", rank=0, world_size=layout.world, store=FakeStore())
     try:
         with LocalTensorMode(layout.world) as mode:
-            yield parallel(cfg, layout, specs), mode
+            yield parallel(cfg, layout, specs, vision=vision), mode
     finally:
         tdist.destroy_process_group()
 

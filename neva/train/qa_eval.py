@@ -51,14 +51,17 @@ def answer_all(params: dict, cfg: ModelConfig, ds, *, batch_size: int = 32, max_
     bar = Progress(n, "eval", unit="question", on=progress, leave=False)
     for start in range(0, n, batch_size):
         idx = list(range(start, min(n, start + batch_size)))
-        prompts, pix = [], []
+        prompts, pix, frames = [], [], []
         for i in idx:
             ids, px = ds.prompt(i)
             prompts.append(ids.tolist())
             pix.append(px)
+            frames.append(ds.frame_flags(i, media_count(px)))
         pv = media_cat(pix) if pix else None
-        res = generate(params, cfg, prompts, pv if media_count(pv) else None,
-                       Sampling(max_new_tokens=max_new_tokens, stop_strings=stops), tokenizer=ds.tok, dist=dist)
+        has = media_count(pv) > 0
+        res = generate(params, cfg, prompts, pv if has else None,
+                       Sampling(max_new_tokens=max_new_tokens, stop_strings=stops), tokenizer=ds.tok, dist=dist,
+                       video_frames=torch.cat(frames) if has else None)
         for i, text in zip(idx, res["text"]):
             rec = ds.records[i]
             ref = rec.meta.get("answer", [t.text for t in rec.turns if t.role == "assistant"][-1])
