@@ -38,6 +38,32 @@ def ask(text: str, *images: str) -> list[dict]:
                                          {"type": "text", "text": text}]}]
 
 
+def launch(model: Path, root: Path, *launcher_and_overrides: str, torchrun: int = 0):
+    """Start ``python -m neva.serve model`` (under torchrun with ``torchrun`` processes) on a free
+    port -> (process, base url) once /health answers."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    head = ([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(torchrun)]
+            if torchrun else [sys.executable])
+    cmd = head + ["-m", "neva.serve", str(model), "--port", str(port), "--dtype", "float32",
+                  "--allowed-local-media-path", str(root), "--max-media-per-prompt", "4", "--threads", "1",
+                  *launcher_and_overrides]
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(1500):
+        if proc.poll() is not None:
+            pytest.fail(f"the server exited: {proc.stdout.read()[-3000:]}")
+        try:
+            if httpx.get(url + "/health", timeout=1).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            time.sleep(0.2)
+    proc.kill()
+    pytest.fail("the server did not answer /health in 5 minutes")
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     """(base url, model folder, media folder) of a server on a tiny exported model (float32)."""
@@ -48,22 +74,7 @@ def server(tmp_path_factory):
     cfg = tiny_model("mixtral")
     neva.hf.save(neva.init_params(cfg, seed=0), cfg, str(root / "tiny"), data=DataConfig(template="mistral", num_frames=3))
     Image.new("RGB", (50, 20), (0, 0, 255)).save(root / "blue.png")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    cmd = [sys.executable, "-m", "neva.serve", str(root / "tiny"), "--port", str(port), "--dtype", "float32",
-           "--allowed-local-media-path", str(root), "--max-media-per-prompt", "4", "--threads", "1"]
-    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(600):
-        if proc.poll() is not None:
-            pytest.fail(f"the server exited: {proc.stdout.read()[-3000:]}")
-        try:
-            if httpx.get(url + "/health", timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            time.sleep(0.2)
+    proc, url = launch(root / "tiny", root)
     yield url, root / "tiny", root
     proc.terminate()
     proc.wait(timeout=30)
@@ -205,3 +216,22 @@ def test_float16_on_cpu_runs(server):
     res = generate(params, cfg, [[1, 733, 16289, 28793]], None, Sampling(max_new_tokens=4))
     assert len(res["tokens"][0]) >= 1
     assert json.loads((server[1] / "config.json").read_text())["neva"]["num_frames"] == 3
+
+
+def test_torchrun_tp2_serves_under_the_plan(server, client):
+    """``torchrun --nproc_per_node 2 -m neva.serve MODEL parallel.tp=2``: the weights sharded over two
+    ranks, rank 0 on HTTP; greedy answers (plain and streamed) equal the one-process server's."""
+    url, folder, root = server
+    proc, url2 = launch(folder, root, "parallel.tp=2", torchrun=2)
+    try:
+        tp2 = openai.OpenAI(base_url=url2 + "/v1", api_key="none", max_retries=0)
+        for q, img in [("What colour is it?", png_url()), ("Describe it.", png_url((0, 255, 0)))]:
+            kw = dict(model="tiny", messages=ask(q, img), max_tokens=6, temperature=0)
+            want = client.chat.completions.create(**kw).choices[0].message.content
+            assert tp2.chat.completions.create(**kw).choices[0].message.content == want
+            assert "".join(c.choices[0].delta.content or "" for c in tp2.chat.completions.create(**kw, stream=True)
+                           if c.choices) == want
+    finally:
+        proc.terminate()
+        out = proc.communicate(timeout=60)[0]
+    assert "2 ranks: tp2)" in out, out[-2000:]

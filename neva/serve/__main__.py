@@ -140,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     import uvicorn
     name = a.served_model_name or Path(a.model).resolve().name
-    print(f"serving {name} ({a.dtype}{f', {world} ranks' if world > 1 else ''}) on http://{a.host}:{a.port}/v1",
+    print(f"serving {name} ({a.dtype}{f', {world} ranks: {par.layout}' if par else ''}) on http://{a.host}:{a.port}/v1",
           flush=True)
     try:
         uvicorn.run(app(engine, prompter, name, end), host=a.host, port=a.port, log_level="warning")
