@@ -195,7 +195,7 @@ def test_remat_under_tp2_pp2(gloo_pool, method, n):
     from neva.train.remat import RematPolicy
     cfg = _main_like_cfg()
     lay, n_micro = Layout(tp=2, pp=2), 2
-    res = gloo_pool.run(check_step, cfg, lay, model.init_params(cfg, 1), _batch(), n_micro, "1f1b", "autograd",
+    res = gloo_pool.run(check_step, cfg, lay, model.init_params(cfg, 1), _batch(), n_micro, "1f1b", "autograd", "tp",
                         RematPolicy(method, n))[0]
     _check(res)
     from neva.parallel.plan import Plan

@@ -8,6 +8,7 @@ import dataclasses
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from neva import comm, model
 from neva.comm import Dist
@@ -103,7 +104,7 @@ def test_vmap_rule_of_tp_collectives():
 
 # ------------------------------------------------------------------------- context parallelism
 @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(case=cases(max_world=4, cp=True), data=st.data())
+@given(case=cases(max_world=4, cp=True, uneven=False), data=st.data())
 def test_context_parallel_step_equals_single_process(case, data):
     """cp 2 or 4, alone or with tp / sp / ep / dp, packed or padded rows, windows, an image across a
     chunk boundary, the vision tower tp-sharded, replicated or frame-parallel: the step is exact."""

@@ -134,7 +134,7 @@ def layer_runs():
 
 
 def check_step(rank: int, cfg: ModelConfig, layout: Layout, params: dict, batch: dict, n_micro: int = 1,
-               schedule: str = "1f1b", grad_mode: str = "autograd", remat=None, vision: str = "tp") -> dict | None:
+               schedule: str = "1f1b", grad_mode: str = "autograd", vision: str = "tp", remat=None) -> dict | None:
     """A pool job: the step under ``layout`` (pp > 1: the ``schedule``; ``remat``: a RematPolicy on
     the sharded side; ``vision``: the vision tower's layout), and on rank 0 the same step in one process
     over the same micro-batches, without remat. -> on rank 0 {"stats", "stats_ref", "grad_err",
