@@ -8,7 +8,11 @@ model through save_pretrained + neva.hf.load. Iterations of the two alternate, s
 processes on the machine hits both alike; we report the median after a warmup. On an oversubscribed
 CPU, multi-threaded timings measure OpenMP waits more than compute: run with --threads 1 as well.
 
-    python bench/forward_backward.py [--iters 6] [--warmup 2] [--dtypes fp32,bf16] [--threads N]
+    python bench/forward_backward.py [--iters 6] [--warmup 2] [--dtypes fp32,bf16] [--threads N] [--profile]
+
+MFU: model FLOPs per step (``neva.flops``: every matmul of every part, attention scores, backward = 2x
+forward) over the step time, against the matmul peak this bench measures at start (a 2048^2 matmul in
+the same dtype and thread count). ``--profile`` prints the top ops by self time of one step each.
 """
 from __future__ import annotations
 
@@ -22,6 +26,7 @@ import torch
 
 import neva
 import neva.hf
+from neva import flops
 from neva.params import flatten, unflatten
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -68,7 +73,33 @@ def timed(fn) -> float:
     return time.perf_counter() - t0
 
 
-def run(dtype_name: str, model, folder: str, batch, iters: int, warmup: int) -> tuple[float, float]:
+def matmul_peak(dtype: torch.dtype, n: int = 2048, reps: int = 5) -> float:
+    """FLOP/s of an n x n matmul in ``dtype``: the best of ``reps`` after one warmup."""
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    a @ b
+    return 2 * n ** 3 / min(timed(lambda: a @ b) for _ in range(reps))
+
+
+def step_flops(cfg, params, batch) -> int:
+    """Training FLOPs of one bench step (neva.flops' conventions)."""
+    proj = [tuple(v.shape) for k, v in flatten(params).items() if k.startswith("projector/")]
+    B, T = batch["input_ids"].shape
+    n_label = int((batch["labels"][:, 1:] != -100).sum())
+    return flops.train_flops(cfg, proj, batch=B, seq=T, n_images=B, n_label=n_label)
+
+
+def profile(name: str, fn, rows: int = 12) -> None:
+    """The top ops of one call of ``fn`` by self CPU time."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as prof
+    with prof(activities=[ProfilerActivity.CPU]) as p:
+        fn()
+    print(f"  {name}: top ops by self time")
+    print(p.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows, max_name_column_width=48))
+
+
+def run(dtype_name: str, model, folder: str, batch, iters: int, warmup: int,
+        show_profile: bool = False) -> tuple[float, float, dict, object]:
     dtype = DTYPES[dtype_name]
     cfg, params = neva.hf.load(folder)
     params = unflatten({k: v.detach().to(dtype).requires_grad_(True) for k, v in flatten(params).items()})
@@ -82,7 +113,10 @@ def run(dtype_name: str, model, folder: str, batch, iters: int, warmup: int) -> 
         if i >= warmup:
             ours.append(a)
             hf.append(b)
-    return statistics.median(ours), statistics.median(hf)
+    if show_profile:
+        profile(f"ours {dtype_name}", lambda: step_ours(params, cfg, batch))
+        profile(f"transformers {dtype_name}", lambda: step_hf(model, batch, dtype))
+    return statistics.median(ours), statistics.median(hf), params, cfg
 
 
 def main() -> None:
@@ -91,6 +125,7 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--dtypes", default="fp32,bf16")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    ap.add_argument("--profile", action="store_true", help="print the top ops by self time, ours and transformers")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -109,9 +144,12 @@ def main() -> None:
             print("  the CPU is oversubscribed: with >1 thread every parallel op can wait a scheduler slice for "
                   "its partner thread, which swamps compute; compare with --threads 1")
         for name in args.dtypes.split(","):
-            t_ours, t_hf = run(name, model, folder, batch, args.iters, args.warmup)
-            print(f"{name}: ours {n_tok / t_ours:8.0f} tok/s ({t_ours * 1e3:.0f} ms)   "
-                  f"HF {n_tok / t_hf:8.0f} tok/s ({t_hf * 1e3:.0f} ms)   ratio ours/HF {t_hf / t_ours:.2f}")
+            peak = matmul_peak(DTYPES[name])
+            t_ours, t_hf, params, cfg_d = run(name, model, folder, batch, args.iters, args.warmup, args.profile)
+            fl = step_flops(cfg_d, params, batch)
+            print(f"{name}: ours {n_tok / t_ours:8.0f} tok/s ({t_ours * 1e3:.0f} ms, MFU {fl / t_ours / peak:.1%})   "
+                  f"HF {n_tok / t_hf:8.0f} tok/s ({t_hf * 1e3:.0f} ms, MFU {fl / t_hf / peak:.1%})   "
+                  f"ratio ours/HF {t_hf / t_ours:.2f}   [{fl / 1e9:.1f} GFLOP/step, matmul peak {peak / 1e9:.0f} GFLOP/s]")
 
 
 if __name__ == "__main__":

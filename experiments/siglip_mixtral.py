@@ -41,7 +41,7 @@ from neva.data import synthetic, tokenizers
 from neva.export import base_params, sources
 from neva.params import flatten
 from neva.parallel import runtime
-from neva.train import lora, loop, qa_eval, report
+from neva.train import lora, loop, precision, qa_eval, report
 from neva.train.threads import pick_threads
 
 DATA = "data/synthetic"
@@ -64,7 +64,7 @@ def base() -> X.Experiment:
                       tokenizer="mixtral", template="mistral",
                       num_frames=4, max_seq_len=192, batch_size=32, num_workers=1)
     train = X.TrainConfig(steps=600, lr=1e-3, warmup=30, min_lr_ratio=0.05, weight_decay=0.0, betas=(0.9, 0.98),
-                          clip=1.0, precision="bf16", pretrain_steps=0, pretrain_data=f"{DATA}/captions.jsonl")
+                          clip=1.0, precision="auto", pretrain_steps=0, pretrain_data=f"{DATA}/captions.jsonl")
     return X.Experiment(model=model_config(), data=data, train=train, eval=X.EvalConfig(batch_size=50, max_new_tokens=6),
                         checkpoint=X.CheckpointConfig(every=100, keep_last=1),
                         run=X.RunConfig(dir="runs/siglip_mixtral"))
@@ -163,6 +163,7 @@ def main(argv: list[str], base_exp: X.Experiment | None = None, ensure=None) -> 
     tok = tokenizers.load(exp.data.tokenizer)
     say(f"model: {report.describe_model(cfg, params)}")
     say(f"threads: {why_threads}")
+    say(f"precision: {precision.resolve(exp.train.precision)[1]}")
     if not par.single:
         say(par.plan.summary(cfg, par.specs))
         if pc.zero1 and par.layout.dp > 1:
@@ -198,7 +199,7 @@ def main(argv: list[str], base_exp: X.Experiment | None = None, ensure=None) -> 
     if not par.main:
         return {}
     metrics.update(recipe=recipe, seed=t.seed, steps=t.steps, pretrain_steps=t.pretrain_steps,
-                   train_seconds=round(t_train, 1), precision=t.precision,
+                   train_seconds=round(t_train, 1), precision=precision.resolve(t.precision)[0],
                    params=sum(v.numel() for v in flatten(final).values()),
                    skipped_samples=skipped, skipped_steps=res.skipped_steps)
     if exp.checkpoint.export_hf:

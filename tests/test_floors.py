@@ -10,7 +10,7 @@ PKG = ROOT / "neva"
 DATA = "data"
 # first match wins: a folder entry (trailing /) holds every file below it
 FLOORS = [
-    ("neva/config.py", 0), ("neva/params.py", 0), ("neva/comm.py", 0), ("neva/loss.py", 0), ("neva/batch.py", 0),
+    ("neva/config.py", 0), ("neva/flops.py", 0), ("neva/params.py", 0), ("neva/comm.py", 0), ("neva/loss.py", 0), ("neva/batch.py", 0),
     ("neva/registry.py", 0), ("neva/overrides.py", 0), ("neva/progress.py", 0), ("neva/layers/", 0),
     ("neva/vision.py", 1), ("neva/dino.py", 1), ("neva/fused.py", 1), ("neva/projector.py", 1), ("neva/llm.py", 1),
     ("neva/data/", DATA),

@@ -7,6 +7,7 @@ from neva.params import flatten
 from neva.testing.checks import layer_runs
 from neva.train import optim
 from neva.train import step as S
+from neva.train import precision as P
 from neva.train.precision import LossScaler
 from neva.train.remat import RematPolicy
 from train_helpers import batch, max_diff, params, tiny_cfg
@@ -31,6 +32,20 @@ def test_each_precision_trains(precision):
         assert dtypes == {torch.float32} and "master" not in st.opt_state
     if precision == "fp16":
         assert st.scaler is not None and st.scaler.scale > 1
+
+
+def test_auto_precision_is_bf16_only_where_bf16_is_native():
+    """Decided from the same matmul timed in both dtypes: an AVX2-only CPU (bf16 75x slower) trains in
+    fp32 and says why; a CPU with native bf16 trains in bf16; on this machine auto resolves to one of
+    them and the policy is that one's."""
+    assert P.choose("cpu", t_fp32=1.0, t_bf16=75.0)[0] == "fp32"
+    assert "75x slower" in P.choose("cpu", t_fp32=1.0, t_bf16=75.0)[1]
+    assert P.choose("cpu", t_fp32=1.0, t_bf16=0.3)[0] == "bf16"
+    assert P.choose("cpu", t_fp32=1.0, t_bf16=1.05)[0] == "bf16"
+    name, why = P.resolve("auto")
+    assert name in ("fp32", "bf16") and why.startswith("auto: " + name)
+    assert P.policy("auto") == P.policy(name)
+    assert P.resolve("fp16") == ("fp16", "fp16")
 
 
 def test_loss_scaler_halves_on_overflow_and_grows():

@@ -34,7 +34,7 @@ class TrainConfig:
     weight_decay: float = 0.0       # AdamW decoupled weight decay
     betas: tuple[float, float] = (0.9, 0.95)  # AdamW betas, as b1,b2 in [0, 1)
     clip: float = 1.0               # max global gradient norm (0 = off)
-    precision: str = "fp32"         # fp32 | bf16 | bf16_o2 | fp16
+    precision: str = "fp32"         # fp32 | bf16 | bf16_o2 | fp16 | auto (bf16 where the hardware has it natively, else fp32)
     mode: str = "autograd"          # autograd | func (torch.func.grad); same gradients
     remat: str = "none"             # none | uniform | block (activation checkpointing)
     remat_layers: int = 1           # uniform: layers per chunk; block: how many layers

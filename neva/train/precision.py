@@ -7,17 +7,23 @@
   fp16     fp32 params and optimizer state; matmuls under fp16 autocast; the loss is multiplied by a
            dynamic scale (halved on overflow with the step skipped, doubled after ``growth_interval``
            clean steps) so small gradients do not underflow
+  auto     bf16 where the hardware computes bf16 matmuls natively (a GPU that supports it; a CPU whose
+           bf16 matmul is at least as fast as its fp32 one: AVX512-BF16 or AMX), else fp32. A CPU with
+           only AVX2 runs bf16 matmuls through a slow reference path (measured 0.2 vs 15 GFLOP/s for
+           fp32 on one such EPYC), where a bf16 run takes hours instead of minutes
 
 The loss (cross-entropy, MoE statistics) is always reduced in fp32 by the model.
 """
 from __future__ import annotations
 
 import contextlib
+import functools
+import time
 from dataclasses import dataclass
 
 import torch
 
-NAMES = ("fp32", "bf16", "bf16_o2", "fp16")
+NAMES = ("fp32", "bf16", "bf16_o2", "fp16", "auto")
 CPU_MATH_ATTENTION = True   # under CPU autocast, attention through the math kernel (see ``autocast``)
 
 
@@ -30,7 +36,50 @@ class Policy:
     loss_scale: bool                  # dynamic loss scaling
 
 
+def matmul_seconds(dtype: torch.dtype, n: int = 256, reps: int = 4) -> float:
+    """The best time of an n x n matmul in ``dtype`` on the CPU (one warm-up)."""
+    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+    a @ b
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def choose(device: str, t_fp32: float | None = None, t_bf16: float | None = None) -> tuple[str, str]:
+    """-> (precision, why) for ``auto``: see the module docstring. CPU times of the same matmul in
+    fp32 and bf16 decide there (bf16 must not be slower than fp32 by more than 10%)."""
+    if device.startswith("cuda"):
+        if torch.cuda.is_bf16_supported():
+            return "bf16", "auto: bf16 (the GPU supports it)"
+        return "fp32", "auto: fp32 (this GPU has no bf16)"
+    if t_bf16 <= 1.1 * t_fp32:
+        return "bf16", f"auto: bf16 (this CPU computes bf16 matmuls natively, {t_fp32 / t_bf16:.1f}x fp32's speed)"
+    return "fp32", (f"auto: fp32 (this CPU computes bf16 matmuls {t_bf16 / t_fp32:.0f}x slower than fp32: no "
+                    f"AVX512-BF16 or AMX; train.precision=bf16 forces bf16)")
+
+
+@functools.lru_cache(maxsize=None)
+def resolve(name: str, device: str = "cpu") -> tuple[str, str]:
+    """The precision a run uses for ``train.precision=name`` -> (precision, why, for the log). Only
+    ``auto`` is decided here (timed once per process); ``bf16`` on a CPU that is slow at it is kept,
+    with a warning in ``why``."""
+    if name not in ("auto", "bf16") or device.startswith("cuda"):
+        return (choose(device) if name == "auto" else (name, f"{name}"))
+    t_fp32, t_bf16 = matmul_seconds(torch.float32), matmul_seconds(torch.bfloat16)
+    if name == "auto":
+        return choose(device, t_fp32, t_bf16)
+    if t_bf16 > 2 * t_fp32:
+        return "bf16", (f"bf16 (warning: this CPU computes bf16 matmuls {t_bf16 / t_fp32:.0f}x slower than fp32; "
+                        f"train.precision=auto or fp32 is faster here)")
+    return "bf16", "bf16"
+
+
 def policy(name: str) -> Policy:
+    if name == "auto":
+        name = resolve(name)[0]
     if name == "fp32":
         return Policy(name, torch.float32, None, False, False)
     if name == "bf16":
