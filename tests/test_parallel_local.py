@@ -33,7 +33,7 @@ def _check_case(case):
     assert max_rel_err(g_ref, full) < RTOL
 
 
-@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(case=cases(max_world=4, uneven=False))
 def test_sharded_step_equals_single_process(case):
     _check_case(case)
@@ -103,7 +103,7 @@ def test_vmap_rule_of_tp_collectives():
 
 
 # ------------------------------------------------------------------------- context parallelism
-@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(case=cases(max_world=4, cp=True, uneven=False), data=st.data())
 def test_context_parallel_step_equals_single_process(case, data):
     """cp 2 or 4, alone or with tp / sp / ep / dp, packed or padded rows, windows, an image across a

@@ -225,12 +225,11 @@ def test_torchrun_tp2_serves_under_the_plan(server, client):
     proc, url2 = launch(folder, root, "parallel.tp=2", torchrun=2)
     try:
         tp2 = openai.OpenAI(base_url=url2 + "/v1", api_key="none", max_retries=0)
-        for q, img in [("What colour is it?", png_url()), ("Describe it.", png_url((0, 255, 0)))]:
-            kw = dict(model="tiny", messages=ask(q, img), max_tokens=6, temperature=0)
-            want = client.chat.completions.create(**kw).choices[0].message.content
-            assert tp2.chat.completions.create(**kw).choices[0].message.content == want
-            assert "".join(c.choices[0].delta.content or "" for c in tp2.chat.completions.create(**kw, stream=True)
-                           if c.choices) == want
+        kw = dict(model="tiny", messages=ask("What colour is it?", png_url()), max_tokens=6, temperature=0)
+        want = client.chat.completions.create(**kw).choices[0].message.content
+        assert tp2.chat.completions.create(**kw).choices[0].message.content == want
+        assert "".join(c.choices[0].delta.content or "" for c in tp2.chat.completions.create(**kw, stream=True)
+                       if c.choices) == want
     finally:
         proc.terminate()
         out = proc.communicate(timeout=60)[0]
