@@ -61,6 +61,8 @@ class Case:
             out["labels"] = out["labels"].masked_fill(am == 0, -100)
         if self.packed:  # two samples per row, positions restarting
             cut = T // 2 + 1
+            if cut == T - 2:  # the row's one sure label would open segment 2, where nothing predicts it
+                cut += 1
             seg = torch.ones(B, T, dtype=torch.long)
             seg[:, cut:] = 2
             pos = torch.cat([torch.arange(cut), torch.arange(T - cut)]).expand(B, T).clone()
