@@ -137,13 +137,16 @@ def lm_head_weight(p: dict) -> Tensor:
     return p["lm_head"]["w"] if "lm_head" in p else p["embed"]["w"]
 
 
-def head(p: dict, x_btd: Tensor, cfg: LLMConfig, dist: Dist, rows_bt: Tensor | None = None) -> Tensor:
-    """Final norm and LM head: x [B, T(/tp), D] -> logits [B, T, V/tp] (this rank's vocab slice; the
-    sequence gathered under SP), or [M, V/tp] at the M positions where ``rows`` (bool[B, T]) is set."""
+def head_input(p: dict, x_btd: Tensor, cfg: LLMConfig, dist: Dist, rows_bt: Tensor | None = None) -> Tensor:
+    """Final norm: x [B, T(/tp), D] -> [B, T, D] (the sequence gathered under SP), or [M, D] at the M
+    positions where ``rows`` (bool[B, T]) is set; what the LM head multiplies."""
     h = comm.enter_tp(norm(p["norm"], x_btd, cfg), dist)
-    if rows_bt is not None:
-        h = h[rows_bt]
-    return F.linear(h, lm_head_weight(p))
+    return h if rows_bt is None else h[rows_bt]
+
+
+def head(p: dict, x_btd: Tensor, cfg: LLMConfig, dist: Dist, rows_bt: Tensor | None = None) -> Tensor:
+    """Final norm and LM head: -> logits [B, T, V/tp] (this rank's vocab slice) or [M, V/tp]."""
+    return F.linear(head_input(p, x_btd, cfg, dist, rows_bt), lm_head_weight(p))
 
 
 # --------------------------------------------------------------------------- FFNs, by name

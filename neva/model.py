@@ -30,7 +30,7 @@ from neva import comm, dino, fused, llm, projector, vision  # noqa: F401 - impor
 from neva.batch import IGNORE, Media, media_count, media_map, media_per_row
 from neva.comm import LOCAL, Dist
 from neva.config import ModelConfig
-from neva.loss import LossTerms, cross_entropy_sum, shift_labels
+from neva.loss import LossTerms, cross_entropy_sum, linear_cross_entropy_sum, shift_labels
 from neva.params import init as init_tree
 from neva.registry import ENCODERS, PROJECTORS
 
@@ -208,7 +208,8 @@ def trunk(params: dict, cfg: ModelConfig, nb: dict, dist: Dist = LOCAL, *, x: Te
         if per_example(tgt):   # the head on every row; the CE skips IGNORE targets
             ce, n = cross_entropy_sum(llm.head(params["llm"], x, cfg.llm, d).flatten(0, 1), tgt.flatten(), d), sel.sum()
         else:                  # the head only where a label is: most rows of a VLM batch are prompt and image
-            ce, n = cross_entropy_sum(llm.head(params["llm"], x, cfg.llm, d, rows_bt=sel), tgt[sel], d), sel.sum()
+            h = llm.head_input(params["llm"], x, cfg.llm, d, rows_bt=sel)
+            ce, n = linear_cross_entropy_sum(h, llm.lm_head_weight(params["llm"]), tgt[sel], d), sel.sum()
     return x, LossTerms(ce, n, aux, z)
 
 

@@ -37,5 +37,6 @@ def test_vmap_of_grad_equals_a_loop_over_examples(vision):
     for i in range(3):
         pi = {k: t[i] for k, t in pix.items()} if isinstance(pix, dict) else pix[i]
         ref = flatten(torch.func.grad(one)(params, b["input_ids"][i], b["labels"][i], b["attention_mask"][i], pi))
-        assert max(float((per_ex[k][i] - ref[k]).abs().max()) for k in ref) < 1e-6
+        errs = {k: float((per_ex[k][i] - ref[k]).abs().max() / ref[k].abs().max().clamp_min(1e-12)) for k in ref}
+        assert max(errs.values()) < 1e-5   # fp32 rounding: the loop's head+CE runs fused and chunked, vmap's not
     assert float(per_ex["vision/" + ("dino/" if vision == "fused" else "") + "patch/w"].abs().sum()) > 0
