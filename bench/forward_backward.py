@@ -10,6 +10,9 @@ CPU, multi-threaded timings measure OpenMP waits more than compute: run with --t
 
     python bench/forward_backward.py [--iters 6] [--warmup 2] [--dtypes fp32,bf16] [--threads N] [--profile]
 
+Memory: the resident memory one step adds at its peak (Linux's high-water mark, reset before the
+step), for each side after its timed steps.
+
 MFU: model FLOPs per step (``neva.flops``: every matmul of every part, attention scores, backward = 2x
 forward) over the step time, against the matmul peak this bench measures at start (a 2048^2 matmul in
 the same dtype and thread count). ``--profile`` prints the top ops by self time of one step each.
@@ -17,7 +20,10 @@ the same dtype and thread count). ``--profile`` prints the top ops by self time 
 from __future__ import annotations
 
 import argparse
+import ctypes
+import gc
 import os
+import re
 import statistics
 import tempfile
 import time
@@ -79,6 +85,27 @@ def matmul_peak(dtype: torch.dtype, n: int = 2048) -> float:
     return 2 * n ** 3 / precision.matmul_seconds(dtype, n, reps=5)
 
 
+def _status_mb(key: str) -> float:
+    return int(re.search(rf"{key}:\s+(\d+) kB", open("/proc/self/status").read()).group(1)) / 1024
+
+
+def step_memory_mb(fn) -> float | None:
+    """Resident memory one call of ``fn`` adds at its peak (MB): the kernel's high-water mark (VmHWM),
+    reset just before the call, minus the resident memory then. Freed heap goes back to the system
+    first (malloc_trim), so memory that an earlier call freed and glibc kept does not hide this one's.
+    None where Linux's /proc/self/clear_refs is not there."""
+    try:
+        gc.collect()
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        before = _status_mb("VmRSS")
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")                                  # 5: reset the peak RSS to the current RSS
+    except (OSError, AttributeError):
+        return None
+    fn()
+    return _status_mb("VmHWM") - before
+
+
 def step_flops(cfg, params, batch) -> int:
     """Training FLOPs of one bench step (neva.flops' conventions)."""
     proj = [tuple(v.shape) for k, v in flatten(params).items() if k.startswith("projector/")]
@@ -98,7 +125,7 @@ def profile(name: str, fn, rows: int = 12) -> None:
 
 
 def run(dtype_name: str, model, folder: str, batch, iters: int, warmup: int,
-        show_profile: bool = False) -> tuple[float, float, dict, object]:
+        show_profile: bool = False) -> tuple[float, float, dict, object, tuple]:
     dtype = DTYPES[dtype_name]
     cfg, params = neva.hf.load(folder)
     params = unflatten({k: v.detach().to(dtype).requires_grad_(True) for k, v in flatten(params).items()})
@@ -112,10 +139,11 @@ def run(dtype_name: str, model, folder: str, batch, iters: int, warmup: int,
         if i >= warmup:
             ours.append(a)
             hf.append(b)
+    mem = (step_memory_mb(lambda: step_ours(params, cfg, batch)), step_memory_mb(lambda: step_hf(model, batch, dtype)))
     if show_profile:
         profile(f"ours {dtype_name}", lambda: step_ours(params, cfg, batch))
         profile(f"transformers {dtype_name}", lambda: step_hf(model, batch, dtype))
-    return statistics.median(ours), statistics.median(hf), params, cfg
+    return statistics.median(ours), statistics.median(hf), params, cfg, mem
 
 
 def main() -> None:
@@ -144,11 +172,15 @@ def main() -> None:
                   "its partner thread, which swamps compute; compare with --threads 1")
         for name in args.dtypes.split(","):
             peak = matmul_peak(DTYPES[name])
-            t_ours, t_hf, params, cfg_d = run(name, model, folder, batch, args.iters, args.warmup, args.profile)
+            t_ours, t_hf, params, cfg_d, (m_ours, m_hf) = run(name, model, folder, batch, args.iters, args.warmup,
+                                                               args.profile)
             fl = step_flops(cfg_d, params, batch)
             print(f"{name}: ours {n_tok / t_ours:8.0f} tok/s ({t_ours * 1e3:.0f} ms, MFU {fl / t_ours / peak:.1%})   "
                   f"HF {n_tok / t_hf:8.0f} tok/s ({t_hf * 1e3:.0f} ms, MFU {fl / t_hf / peak:.1%})   "
                   f"ratio ours/HF {t_hf / t_ours:.2f}   [{fl / 1e9:.1f} GFLOP/step, matmul peak {peak / 1e9:.0f} GFLOP/s]")
+            if m_ours is not None:
+                print(f"{name}: peak memory a step adds (resident, over the weights): ours {m_ours:.0f} MB   "
+                      f"HF {m_hf:.0f} MB   ratio ours/HF {m_ours / m_hf:.2f}")
 
 
 if __name__ == "__main__":
