@@ -136,6 +136,15 @@ def local_len(T: int, dist: Dist) -> int:
     return T // d.cp_size // (d.tp_size if d.sp else 1)
 
 
+def right_padded(am_bt: Tensor) -> bool:
+    """True when every row of the attention mask is ones, then zeros (what the training collate makes).
+    Causal attention then keeps every real token off the padding by itself, so no mask is built and
+    SDPA skips the blocks above the diagonal: padding queries see real keys, but nothing reads their
+    outputs (the loss and the MoE statistics skip them; the sequence pads from the right for SP the
+    same way). Under vmap the values are not concrete: False, the mask then."""
+    return not per_example(am_bt) and bool((am_bt[:, 1:] <= am_bt[:, :-1]).all())
+
+
 def normalize_batch(cfg: ModelConfig, batch: dict, dist: Dist = LOCAL) -> dict:
     """Fill defaults (positions, masks) and, under SP or CP, pad T to a multiple of ``seq_multiple``
     with ignored tokens."""
@@ -149,8 +158,8 @@ def normalize_batch(cfg: ModelConfig, batch: dict, dist: Dist = LOCAL) -> dict:
         pos = (am.long().cumsum(-1) - 1).clamp_min(0) if am is not None else torch.arange(T, device=ids.device).expand(B, T)
     out = dict(batch, position_ids=pos, seq_len=T)
     d = dist.part("llm")
-    out["needs_mask"] = am is not None or seg is not None or d.cp is not None or (   # cp: queries at an offset
-        cfg.llm.sliding_window is not None and cfg.llm.sliding_window < T)
+    out["needs_mask"] = (am is not None and not right_padded(am)) or seg is not None or d.cp is not None or (
+        cfg.llm.sliding_window is not None and cfg.llm.sliding_window < T)             # cp: queries at an offset
     m = seq_multiple(d)
     Tp = -(-T // m) * m
     if Tp != T:

@@ -136,3 +136,36 @@ def test_no_labels_is_a_clear_error():
     b["labels"][:] = -100
     with pytest.raises(ValueError, match="no label tokens"):
         S.compute_grads(params(cfg), cfg, [b], trainable=["projector/fc1/w"])
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_padded_rows_train_as_the_unpadded_samples(monkeypatch, side):
+    """A batch of a full row and a padded one gives the CE sums and gradients of the two samples run
+    alone without padding. Right padding (the collate's) runs without a mask (causal attention keeps
+    real tokens off the padding); left padding (generation's) builds one."""
+    from neva import model
+    cfg = tiny_cfg(experts=0)
+    T, n = 32, 25                                      # row 1 keeps its first 25 tokens (the image and 7 more)
+    p, b = params(cfg), batch(cfg, B=2, T=T)
+    alone = [{k: v[i:i + 1] for k, v in b.items()} for i in range(2)]
+    alone[1] = {**alone[1], "input_ids": alone[1]["input_ids"][:, :n], "labels": alone[1]["labels"][:, :n]}
+    am = torch.ones(2, T, dtype=torch.long)
+    ids, labels = b["input_ids"].clone(), b["labels"].clone()
+    pad = slice(n, None) if side == "right" else slice(None, T - n)
+    if side == "left":                                 # the kept tokens move to the row's end
+        ids[1, T - n:], labels[1, T - n:] = b["input_ids"][1, :n].clone(), b["labels"][1, :n].clone()
+    am[1, pad], ids[1, pad], labels[1, pad] = 0, 0, -100
+    padded = {**b, "input_ids": ids, "labels": labels, "attention_mask": am}
+    masks = []
+    context = model.llm.context
+    monkeypatch.setattr(model.llm, "context", lambda *a, **k: masks.append(k.get("mask")) or context(*a, **k))
+
+    def ce(prm, bt):
+        return model.loss_terms(prm, cfg, bt).ce
+    g = torch.func.grad(ce)(p, padded)
+    assert masks[-1] == (side == "left")
+    ref = [torch.func.grad(ce)(p, a) for a in alone]
+    assert float(ce(p, padded)) == pytest.approx(sum(float(ce(p, a)) for a in alone), rel=1e-5)
+    gf, r0, r1 = flatten(g), flatten(ref[0]), flatten(ref[1])
+    for k in gf:   # atol: a key bias's gradient is 0 up to rounding (softmax ignores a shift)
+        torch.testing.assert_close(gf[k], r0[k] + r1[k], rtol=1e-4, atol=1e-6, msg=k)
