@@ -91,6 +91,7 @@ class _LinearCE(torch.autograd.Function):
         chunks = list(zip(h.split(CE_CHUNK_ROWS), target.split(CE_CHUNK_ROWS))) if isinstance(M, int) else [(h, target)]
         # one buffer for every chunk's logits: a fresh 32 MB tensor per chunk costs its page faults again
         buf = torch.empty(chunks[0][0].shape[0], V, device=h.device, dtype=torch.float32) if len(chunks) > 1 else None
+        pbuf = torch.empty_like(buf) if buf is not None and group is None else None
         for hc, tc in chunks:
             tc = tc - start
             rows = torch.arange(hc.shape[0], device=h.device)
@@ -102,12 +103,22 @@ class _LinearCE(torch.autograd.Function):
                 lg = torch.mm(hc, w.t(), out=buf[:hc.shape[0]])
             else:
                 lg = buf[:hc.shape[0]].copy_(F.linear(hc, w))
-            m = comm.all_reduce_nograd(lg.max(-1, keepdim=True).values, group, "max")  # [m, 1]
-            picked = comm.all_reduce_nograd((lg[rows, idx] - m.squeeze(-1)) * inside, group, "sum")
-            p = lg.sub_(m).exp_()
-            se = comm.all_reduce_nograd(p.sum(-1, keepdim=True), group, "sum")
-            total += (se.squeeze(-1).log() - picked).sum()
-            p = p.div_(se).index_put_((rows, idx), -inside.float(), accumulate=True).to(w.dtype)  # softmax - onehot
+            if group is None:   # one softmax kernel (half the passes over the chunk), the loss from p[target]
+                p = lg.softmax(-1) if pbuf is None else torch.ops.aten._softmax.out(lg, -1, False, out=pbuf[:lg.shape[0]])
+                pt = p[rows, idx]
+                nll = -pt.log()
+                low = pt < 1e-30               # -log p is exact to ~87 nats; rows past 69 take the long way
+                if bool(low.any()):
+                    nll = torch.where(low, lg.logsumexp(-1) - lg[rows, idx], nll)
+                total += nll.sum()
+            else:               # the vocabulary is split: global max, picked logit and sum over tp ranks
+                m = comm.all_reduce_nograd(lg.max(-1, keepdim=True).values, group, "max")  # [m, 1]
+                picked = comm.all_reduce_nograd((lg[rows, idx] - m.squeeze(-1)) * inside, group, "sum")
+                p = lg.sub_(m).exp_()
+                se = comm.all_reduce_nograd(p.sum(-1, keepdim=True), group, "sum")
+                total += (se.squeeze(-1).log() - picked).sum()
+                p = p.div_(se)
+            p = p.index_put_((rows, idx), -inside.float(), accumulate=True).to(w.dtype)    # softmax - onehot
             if need_h:
                 gh.append(p @ w)
             if need_w:   # accumulated in place in fp32: no [V, D] temporary per chunk

@@ -79,3 +79,14 @@ def test_vocab_parallel_chunks_in_the_sharded_step(monkeypatch, name):
     monkeypatch.setattr(L._LinearCE, "forward", staticmethod(lambda h, *a: chunks.append(h.shape[0]) or forward(h, *a)))
     _check_case(dataclasses.replace(EXPLICIT[name], uneven=False))
     assert chunks and all(isinstance(m, int) and m > 5 for m in chunks), chunks   # several chunks per call
+
+
+def test_a_row_far_past_its_target_keeps_its_exact_loss():
+    """A row whose target's probability underflows fp32 (a loss of ~200 nats) gets its exact CE, not
+    inf: the fast path reads -log p[target], which holds to ~87 nats."""
+    h, w, t = _data(M=8, V=50)
+    h = h.clone()
+    h[3] = w[(t[3] + 1) % 50] * 60                    # row 3's logits favour another token by far
+    loss = L.linear_cross_entropy_sum(h.requires_grad_(), w, t, LOCAL)
+    ref = _two_step(h.detach(), w, t)
+    assert float(ref) > 150 and _rel(loss, ref) < 1e-6
