@@ -1,6 +1,7 @@
 """The loss: next-token cross-entropy over label positions only, vocab-parallel under TP (no rank ever
-holds the full logits; Megatron's VocabParallelCrossEntropy), and ``LossTerms``, the one contract by
-which a forward reports its share of a step's loss and a step reduces them.
+holds the full logits; Megatron's VocabParallelCrossEntropy), fused with the LM head in chunks of
+rows for training (``linear_cross_entropy_sum``: no [M, V] tensor at all), and ``LossTerms``, the
+one contract by which a forward reports its share of a step's loss and a step reduces them.
 
 A step's loss is ``CE summed over its label tokens / its label count + (aux_coef * aux + z_coef * z) /
 (MoE layers x micro-batches)``, where the step spans every micro-batch of every data-parallel rank.
