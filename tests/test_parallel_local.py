@@ -160,12 +160,14 @@ def test_a_cp_rank_without_labels_adds_zero_not_nan():
 
 
 @settings(max_examples=200, deadline=None)
-@given(case=cases(max_world=4), cp_case=cases(max_world=4, cp=True))
-def test_every_generated_row_trains_a_token(case, cp_case):
-    """The generators' promise that the tiers rely on: each row trains at least one token after the
-    shift and the packing (CI once drew T = 5 packed, where the row's sure label opened segment 2)."""
+@given(case=cases(max_world=4), cp_case=cases(max_world=4, cp=True),
+       pp_case=cases(max_world=4, pp=True, fill=True), pp_cp_case=cases(max_world=4, pp=True, fill=True, cp=True))
+def test_every_generated_row_trains_a_token(case, cp_case, pp_case, pp_cp_case):
+    """The generators' promise that the tiers rely on (both tiers' variants): each row trains at least
+    one token after the shift and the packing (CI once drew T = 5 packed, where the row's sure label
+    opened segment 2)."""
     from neva.loss import label_count
-    for c in (case, cp_case):
+    for c in (case, cp_case, pp_case, pp_cp_case):
         b = c.batch()
         for r in range(b["input_ids"].shape[0]):
             row = {k: v[r:r + 1] for k, v in b.items() if k in ("labels", "segment_ids")}
