@@ -148,4 +148,17 @@ EXPLICIT = {
     "ep2 padded": _explicit(Layout(ep=2, dp=2), "mixtral", 14, experts=4, padded=True),
     "ep2 tp2+sp padded": _explicit(Layout(ep=2, tp=2, sp=True), "mixtral", 13, experts=4, padded=True),
     "uneven labels dp4": _explicit(Layout(dp=4), "llama", 12, padded=True, images=(0, 1)),
+    # drawn by hypothesis: in layer 1 no token of either ep rank routes to rank 3's experts, whose
+    # empty expert output then hung off no graph, so its backward skipped an all-to-all: a gloo abort
+    "ep2 cp2, an ep rank whose experts get no token": Case(
+        Layout(ep=2, cp=2),
+        ModelConfig(vision=VisionConfig(kind="clip", image_size=16, patch_size=8, dim=8, n_layers=1, n_heads=2,
+                                        mlp_dim=8, eps=1e-5, act="quick_gelu", select_layer=-1, select_feature="cls_patch"),
+                    projector=ProjectorConfig("mlp3x_gelu"),
+                    llm=LLMConfig(kind="mixtral", vocab_size=10, dim=32, n_layers=3, n_heads=2, n_kv_heads=2, head_dim=8,
+                                  ffn_dim=8, n_experts=6, top_k=1, z_loss_coef=0.001, tie_embeddings=True,
+                                  max_position=256),
+                    image_token_id=9).validate(),
+        batch_seed=1136, rows_per_shard=2, seq_len=10, images_per_row=(1, 1), padded=False, packed=False,
+        n_micro=2, image_start=2),
 }

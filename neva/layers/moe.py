@@ -63,8 +63,8 @@ def _experts(w1: Tensor, w3: Tensor, w2: Tensor, x_md: Tensor, counts: list[int]
     # to a few experts); in a simulated world counts are per-rank values, and every group runs
     groups = [(e, xe) for e, (xe, c) in enumerate(zip(torch.split(x_md, counts), counts))
               if not (isinstance(c, int) and c == 0)]
-    if not groups:
-        return x_md.new_zeros((0, w2.shape[1]))
+    if not groups:   # no rows: expert 0 on none, so the output hangs off the graph like any rank's (under EP
+        groups = [(0, x_md)]   # a detached one would drop this rank's all-to-all from the backward: a hang)
     if torch.is_grad_enabled():
         # unbind once: its backward stacks the expert grads in one go, where w1[e] per expert would
         # materialise (and then sum) a zero-filled [E, F, D] gradient for every expert
