@@ -33,6 +33,7 @@ import torch
 import neva
 import neva.hf
 from neva import flops
+from neva.loss import label_count
 from neva.train import precision
 from neva.params import flatten, unflatten
 
@@ -110,7 +111,7 @@ def step_flops(cfg, params, batch) -> int:
     """Training FLOPs of one bench step (neva.flops' conventions)."""
     proj = [tuple(v.shape) for k, v in flatten(params).items() if k.startswith("projector/")]
     B, T = batch["input_ids"].shape
-    n_label = int((batch["labels"][:, 1:] != -100).sum())
+    n_label = int(label_count(batch))
     return flops.train_flops(cfg, proj, batch=B, seq=T, n_images=B, n_label=n_label)
 
 

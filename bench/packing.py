@@ -29,9 +29,8 @@ import torch
 
 import neva
 from neva import flops
-from neva.batch import IGNORE
 from neva.data import build_loader, tokenizers
-from neva.loss import shift_labels
+from neva.loss import label_count
 from neva.params import flatten, unflatten
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
@@ -47,7 +46,7 @@ def counts(cfg, params, b: dict) -> tuple[int, int, int, float]:
     """(label tokens, non-padding tokens, all tokens, model training FLOPs) of one batch."""
     proj = [tuple(v.shape) for k, v in flatten(params).items() if k.startswith("projector/")]
     B, T = b["input_ids"].shape
-    n_label = int((shift_labels(b["labels"], b.get("segment_ids")) != IGNORE).sum())
+    n_label = int(label_count(b))
     n_media = int(b["pixel_values"].shape[0]) if "pixel_values" in b else 0      # images and video frames
     nonpad = int(b["attention_mask"].sum()) if "attention_mask" in b else B * T
     return n_label, nonpad, B * T, flops.train_flops(cfg, proj, batch=B, seq=T, n_images=n_media, n_label=n_label)

@@ -23,23 +23,38 @@ from neva.comm import Dist
 from neva.config import LLMConfig
 
 
+def _softmax_nll(lg: Tensor, local: Tensor, group, out: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """lg float32[m, V/tp]: this rank's slice of some rows' logits (overwritten), local int[m]: the targets
+    minus the slice's start -> (CE per row float[m], softmax over the whole vocabulary, this slice
+    float[m, V/tp], target index in the slice int[m], whether the target is in the slice bool[m]).
+    Split over tp ranks: the global max, picked logit and sum are all-reduced. Whole: one softmax kernel
+    (into ``out`` if given), half the passes over the rows, and the CE read from p[target]."""
+    V = lg.shape[-1]
+    rows = torch.arange(lg.shape[0], device=lg.device)
+    inside = (local >= 0) & (local < V)
+    idx = local.clamp(0, V - 1)
+    if group is None:
+        p = lg.softmax(-1) if out is None else torch.ops.aten._softmax.out(lg, -1, False, out=out)
+        pt = p[rows, idx]
+        nll = -pt.log()
+        low = pt < 1e-30                   # -log p is exact to ~87 nats; rows past 69 take the long way
+        if bool(low.any()):
+            nll = torch.where(low, lg.logsumexp(-1) - lg[rows, idx], nll)
+        return nll, p, idx, inside
+    m = comm.all_reduce_nograd(lg.max(-1, keepdim=True).values, group, "max")          # [m, 1]
+    picked = comm.all_reduce_nograd((lg[rows, idx] - m.squeeze(-1)) * inside, group, "sum")
+    p = lg.sub_(m).exp_()
+    se = comm.all_reduce_nograd(p.sum(-1, keepdim=True), group, "sum")
+    return se.squeeze(-1).log() - picked, p.div_(se), idx, inside
+
+
 class _VocabParallelCE(torch.autograd.Function):
     """logits float[M, V/tp] (this rank's vocab slice starting at ``start``), targets int[M]
     -> per-row loss float[M]; the gradient is softmax - onehot, computed locally."""
 
     @staticmethod
     def forward(logits, target, start, group):
-        logits = logits.float()
-        lmax = comm.all_reduce_nograd(logits.max(-1, keepdim=True).values, group, "max")   # [M, 1]
-        z = logits - lmax
-        e = z.exp()
-        sumexp = comm.all_reduce_nograd(e.sum(-1, keepdim=True), group, "sum")
-        local = target - start
-        inside = (local >= 0) & (local < logits.shape[-1])
-        idx = local.clamp(0, logits.shape[-1] - 1)
-        picked = z[torch.arange(z.shape[0], device=z.device), idx] * inside
-        picked = comm.all_reduce_nograd(picked, group, "sum")
-        return sumexp.log().squeeze(-1) - picked, e / sumexp, idx, inside
+        return _softmax_nll(logits.to(torch.float32, copy=True), target - start, group)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -94,31 +109,15 @@ class _LinearCE(torch.autograd.Function):
         buf = torch.empty(chunks[0][0].shape[0], V, device=h.device, dtype=torch.float32) if len(chunks) > 1 else None
         pbuf = torch.empty_like(buf) if buf is not None and group is None else None
         for hc, tc in chunks:
-            tc = tc - start
-            rows = torch.arange(hc.shape[0], device=h.device)
-            inside = (tc >= 0) & (tc < V)
-            idx = tc.clamp(0, V - 1)
             if buf is None:
                 lg = F.linear(hc, w).float()                                         # [m, V/tp]
             elif w.dtype == torch.float32:
                 lg = torch.mm(hc, w.t(), out=buf[:hc.shape[0]])
             else:
                 lg = buf[:hc.shape[0]].copy_(F.linear(hc, w))
-            if group is None:   # one softmax kernel (half the passes over the chunk), the loss from p[target]
-                p = lg.softmax(-1) if pbuf is None else torch.ops.aten._softmax.out(lg, -1, False, out=pbuf[:lg.shape[0]])
-                pt = p[rows, idx]
-                nll = -pt.log()
-                low = pt < 1e-30               # -log p is exact to ~87 nats; rows past 69 take the long way
-                if bool(low.any()):
-                    nll = torch.where(low, lg.logsumexp(-1) - lg[rows, idx], nll)
-                total += nll.sum()
-            else:               # the vocabulary is split: global max, picked logit and sum over tp ranks
-                m = comm.all_reduce_nograd(lg.max(-1, keepdim=True).values, group, "max")  # [m, 1]
-                picked = comm.all_reduce_nograd((lg[rows, idx] - m.squeeze(-1)) * inside, group, "sum")
-                p = lg.sub_(m).exp_()
-                se = comm.all_reduce_nograd(p.sum(-1, keepdim=True), group, "sum")
-                total += (se.squeeze(-1).log() - picked).sum()
-                p = p.div_(se)
+            nll, p, idx, inside = _softmax_nll(lg, tc - start, group, None if pbuf is None else pbuf[:hc.shape[0]])
+            total += nll.sum()
+            rows = torch.arange(hc.shape[0], device=h.device)
             p = p.index_put_((rows, idx), -inside.float(), accumulate=True).to(w.dtype)    # softmax - onehot
             if need_h:
                 gh.append(p @ w)
