@@ -99,8 +99,11 @@ def check_media(ids_bt: Tensor, n_images: int, cfg: ModelConfig, video_frames: T
     """Raise unless the image tokens of each sample come in whole media and match pixel_values."""
     if per_example(ids_bt):
         return
+    if video_frames is not None and video_frames.shape[0] != n_images:
+        raise ValueError(f"video_frames has {video_frames.shape[0]} entries but pixel_values holds {n_images} rows: "
+                         "one flag per media row (True where the row is a video frame)")
     per_row = media_per_row({"input_ids": ids_bt, "video_frames": video_frames}, cfg)
-    if sum(per_row) != n_images or (video_frames is not None and video_frames.shape[0] != n_images):
+    if sum(per_row) != n_images:
         raise ValueError(f"the batch has image tokens for {sum(per_row)} images "
                          f"(per sample: {per_row}) but pixel_values holds {n_images}")
 
@@ -199,6 +202,11 @@ def embed_inputs(params: dict, cfg: ModelConfig, nb: dict, dist: Dist = LOCAL) -
     return comm.scatter_seq(x, d) if d.sp else x
 
 
+def targets(nb: dict, dist: Dist = LOCAL) -> Tensor:
+    """Next-token targets of a normalized batch at this rank's positions (its cp chunks): int[B, T_local]."""
+    return comm.cp_local(shift_labels(nb["labels"], nb.get("segment_ids")), dist.part("llm"), 1)
+
+
 def trunk(params: dict, cfg: ModelConfig, nb: dict, dist: Dist = LOCAL, *, x: Tensor | None = None,
           ids: range | None = None, loss: bool = True, layers: llm.Layers = llm.layers) -> tuple[Tensor, LossTerms]:
     """The model over a normalized batch, or a pipeline stage's part of it: embed the tokens and
@@ -212,7 +220,7 @@ def trunk(params: dict, cfg: ModelConfig, nb: dict, dist: Dist = LOCAL, *, x: Te
                        moe_dispatch=cfg.moe_dispatch)
     ce = n = torch.zeros((), device=x.device)
     if loss:                                      # shifted over the whole sequence, then this rank's part
-        tgt = comm.cp_local(shift_labels(nb["labels"], nb.get("segment_ids")), d, 1)
+        tgt = targets(nb, dist)
         sel = tgt != IGNORE
         if per_example(tgt):   # the head on every row; the CE skips IGNORE targets
             ce, n = cross_entropy_sum(llm.head(params["llm"], x, cfg.llm, d).flatten(0, 1), tgt.flatten(), d), sel.sum()

@@ -234,3 +234,27 @@ def test_torchrun_tp2_serves_under_the_plan(server, client):
         proc.terminate()
         out = proc.communicate(timeout=60)[0]
     assert "2 ranks: tp2)" in out, out[-2000:]
+
+
+def test_identical_image_requests_beyond_one_batch_are_all_answered():
+    """Three equal requests with the same image and max_batch 2: the third waits for a second batch
+    (taking the first batch out of the waiting list once compared jobs field by field, image
+    tensors included, which raised in the worker thread and left every request hanging)."""
+    from neva.generate import Sampling
+    from neva.serve.engine import Engine, Job
+    from neva.serve.prompts import Prompt
+
+    class Tok:
+        def decode(self, ids, skip_special_tokens=True):
+            return " ".join(map(str, ids))
+
+    def fn(prompts, pixel_values, sampling, on_token=None):
+        return {"tokens": [[5, 6]] * len(prompts), "finish": ["length"] * len(prompts)}
+
+    engine = Engine(fn, Tok(), eos_id=2, dtype=torch.float32, max_batch=2)
+    pix = torch.ones(1, 3, 4, 4)
+    jobs = [Job(Prompt([1, 7, 3], pix.clone()), Sampling(max_new_tokens=2)) for _ in range(3)]
+    for j in jobs:                         # queued before the worker takes any: all wait together
+        engine.q.put_nowait(j)
+    assert all(j.done.wait(10) for j in jobs)
+    assert [j.result["text"] for j in jobs] == ["5 6"] * 3 and sum(engine.sizes) == 3

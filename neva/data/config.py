@@ -77,7 +77,8 @@ class DataConfig:
     @property
     def frames_per_video(self) -> int:
         """Media images one <video> becomes (-1: it depends on the video: all its frames, or fps)."""
-        return 1 if self.splice_single_frame else (-1 if self.fps is not None else self.num_frames)
+        fixed = self.frame_choice().fixed
+        return -1 if fixed is None else fixed
 
     def frame_choice(self):
         """How ``neva.data.video`` picks each video's frames."""

@@ -34,8 +34,8 @@ def local(params: dict, cfg, tok) -> GenerateFn:
     return fn
 
 
-@dataclass
-class Job:
+@dataclass(eq=False)    # jobs are told apart by identity: equal requests are still two jobs (and a field
+class Job:              # by field == would compare their image tensors, which raises)
     prompt: Prompt
     sampling: Sampling               # max_new_tokens: this request's own
     seeded: bool = False             # sampled with a seed the client chose: batch alone

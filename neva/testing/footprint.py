@@ -11,7 +11,6 @@ import torch
 from neva import comm, model
 from neva.batch import IGNORE, split
 from neva.config import ModelConfig
-from neva.loss import shift_labels
 from neva.params import flatten, unflatten
 from neva.parallel.plan import Layout
 from neva.testing.checks import data_shard
@@ -39,8 +38,7 @@ def saved_bytes(fn, exclude: set[int]) -> int:
 def label_rows(cfg: ModelConfig, mb: dict, dist) -> int:
     """Positions of a micro-batch whose target this rank's loss reads (its cp chunks)."""
     nb = model.normalize_batch(cfg, mb, dist)
-    tgt = comm.cp_local(shift_labels(nb["labels"], nb.get("segment_ids")), dist.part("llm"), 1)
-    return int((tgt != IGNORE).sum())
+    return int((model.targets(nb, dist) != IGNORE).sum())
 
 
 def step_footprint(rank: int, cfg: ModelConfig, layout: Layout, params: dict, batch: dict, n_micro: int = 1,
