@@ -110,6 +110,11 @@ class LLMConfig:
     from_pretrained: str | None = None   # HF Llama / Mistral / Mixtral / Nemotron folder
 
     @property
+    def generation_pad_id(self) -> int:
+        """The id prompts are left-padded with in generation: pad_id, else eos_id, else 0."""
+        return self.pad_id if self.pad_id is not None else (self.eos_id if self.eos_id is not None else 0)
+
+    @property
     def hd(self) -> int:
         return self.head_dim or self.dim // self.n_heads
 

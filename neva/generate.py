@@ -154,7 +154,7 @@ def generate(params: dict, cfg: ModelConfig, prompts: list[list[int]], pixel_val
     dist = replace(dist, sp=False)          # one token per row per step: no sequence to split
     world = _world(dist)
     lc = cfg.llm
-    pad = lc.pad_id if lc.pad_id is not None else (lc.eos_id if lc.eos_id is not None else 0)
+    pad = lc.generation_pad_id
     ids, am = left_pad(prompts, pad)
     B, T = ids.shape
     S = T + s.max_new_tokens

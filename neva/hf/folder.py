@@ -109,7 +109,7 @@ def write(folder: str, cfg: ModelConfig, tok, data: DataConfig) -> list[str]:
     proc.save_pretrained(folder)
     ip.save_pretrained(folder)                    # preprocessor_config.json too: transformers 4.x and vLLM read it
     lc = cfg.llm
-    pad = lc.pad_id if lc.pad_id is not None else (lc.eos_id if lc.eos_id is not None else 0)
+    pad = lc.generation_pad_id
     GenerationConfig(bos_token_id=lc.bos_id, eos_token_id=stop_ids(tok, data.template, lc.eos_id),
                      pad_token_id=pad, do_sample=False).save_pretrained(folder)
     path = os.path.join(folder, "config.json")
